@@ -1,0 +1,201 @@
+"""``tts-broker``: serve, say, status, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import soundfile
+
+from . import tts
+from .client import TtsClient, TtsError
+from .config import BrokerConfig, Config, ConfigError, load_config
+
+log = logging.getLogger("broker.cli")
+
+DEMO_TEXT = (
+    "The torchlight flickers across the damp stone walls. "
+    "Somewhere below, a door groans open, and the party holds its breath."
+)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def write_wav(path: Path, pcm: bytes, start: tts.Start) -> None:
+    """Write a stream's PCM as WAV in its own format (16-bit or float)."""
+    dtype, subtype = ("<i2", "PCM_16") if start.format == "s16le" else ("<f4", "FLOAT")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(path), np.frombuffer(pcm, dtype=dtype), start.sample_rate, subtype=subtype)
+
+
+def speak_to_wav(client: TtsClient, text: str, out: Path, **options: object) -> dict:
+    """Speak ``text`` through the broker into ``out``; return what a user wants to know."""
+    t0 = time.monotonic()
+    stream = client.speak(text, **options)
+    pcm = stream.audio()
+    total = time.monotonic() - t0
+    assert stream.start is not None and stream.end is not None
+    write_wav(out, pcm, stream.start)
+    audio_s = len(pcm) / tts.SAMPLE_WIDTH[stream.start.format] / stream.start.sample_rate
+    return {
+        "wav": str(out),
+        "engine": stream.start.engine,
+        "voice": stream.start.voice,
+        "worker_pid": stream.start.worker.get("pid"),
+        "sample_rate": stream.start.sample_rate,
+        "audio_s": round(audio_s, 3),
+        "ttfa_ms": round((stream.ttfa_s or 0) * 1000, 1),
+        "rtf": round(total / audio_s, 4) if audio_s else None,
+        "chunks": stream.next_seq,
+    }
+
+
+def _print_result(r: dict) -> None:
+    print(f"wrote {r['wav']}: {r['audio_s']:.2f}s of audio at {r['sample_rate']} Hz in {r['chunks']} chunks "
+          f"({r['engine']} voice {r['voice']}, worker pid {r['worker_pid']})")
+    print(f"time to first audio: {r['ttfa_ms']:.1f} ms    real-time factor: {r['rtf']}")
+
+
+class Service:
+    """A broker plus its supervised workers, in this process (``serve`` and ``demo``)."""
+
+    def __init__(self, cfg: Config) -> None:
+        from .__main__ import serve_broker
+        from .supervisor import Supervisor
+
+        self.server = serve_broker(cfg)
+        cfg.broker.backend = self.server.backend_ep
+        cfg.broker.frontend = self.server.frontend_ep
+        self.cfg = cfg
+        self.supervisor = Supervisor(cfg)
+
+    def __enter__(self) -> "Service":
+        self.thread = self.server.start_thread()
+        self.supervisor.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.supervisor.stop()
+        self.server.stop()
+        self.thread.join(timeout=5)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    cfg = load_config(a.config)
+    if a.frontend:
+        cfg.broker.frontend = a.frontend
+    if a.backend:
+        cfg.broker.backend = a.backend
+    _logging(cfg.log_level)
+    stop = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    with Service(cfg):
+        while not stop:
+            time.sleep(0.1)
+    log.info("shut down cleanly")
+    return 0
+
+
+def _options(a: argparse.Namespace) -> dict:
+    return {"language": a.language, "engine": a.engine, "voice": a.voice, "format": a.format, "sample_rate": a.sample_rate}
+
+
+def cmd_say(a: argparse.Namespace) -> int:
+    with TtsClient(a.frontend, timeout=a.timeout) as client:
+        _print_result(speak_to_wav(client, a.text, Path(a.output), **_options(a)))
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    with TtsClient(a.frontend) as client:
+        st = client.status(timeout=a.timeout)
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    for name, svc in sorted(st["services"].items()):
+        kind = f"{svc['engine']} {','.join(svc['languages'] or [])}" if svc["tts"] else "mdp"
+        print(f"{name}  [{kind}]  workers {len(svc['workers'])} (idle {svc['idle']})  failures {svc['failures']}")
+        for w in svc["workers"]:
+            print(f"    {w['id']}  pid {w['pid']}  {'busy' if w['busy'] else 'idle'}  served {w['served']}")
+    print(f"waiting {st['waiting']}  in flight {st['inflight']}  counters {st['counters']}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """The main job: broker + one Piper worker on the bundled voice, one sentence to a WAV."""
+    _logging(a.log_level)
+    cfg = Config(broker=BrokerConfig(frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*"))
+    print("starting broker and a Piper worker (bundled en_US-joe-medium voice)…", flush=True)
+    with Service(cfg) as svc, TtsClient(svc.cfg.broker.frontend, timeout=60) as client:
+        t0 = time.monotonic()
+        if not client.wait_ready(timeout=120):
+            print("error: the Piper worker did not come up within 120 s", file=sys.stderr)
+            return 1
+        print(f"worker ready after {time.monotonic() - t0:.1f}s; speaking: {a.text!r}", flush=True)
+        _print_result(speak_to_wav(client, a.text, Path(a.output)))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    d = BrokerConfig()
+    p = argparse.ArgumentParser(prog="tts-broker", description="ZeroMQ MDP/0.2 broker for streaming TTS")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the broker and its engine workers")
+    s.add_argument("--config", help="TOML configuration file")
+    s.add_argument("--frontend", help=f"client endpoint (default {d.frontend})")
+    s.add_argument("--backend", help=f"worker endpoint (default {d.backend})")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("say", help="speak text through a running broker into a WAV file")
+    s.add_argument("text")
+    s.add_argument("-l", "--language", default="en")
+    s.add_argument("-o", "--output", default="out/say.wav")
+    s.add_argument("--engine", choices=["piper", "xtts"])
+    s.add_argument("--voice")
+    s.add_argument("--format", default="s16le", choices=list(tts.FORMATS))
+    s.add_argument("--sample-rate", type=int)
+    s.add_argument("--frontend", default=d.frontend)
+    s.add_argument("--timeout", type=float, default=30.0)
+    s.set_defaults(func=cmd_say)
+
+    s = sub.add_parser("status", help="live workers per service")
+    s.add_argument("--frontend", default=d.frontend)
+    s.add_argument("--timeout", type=float, default=2.0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("demo", help="start everything on the bundled voice and speak one passage")
+    s.add_argument("text", nargs="?", default=DEMO_TEXT)
+    s.add_argument("-o", "--output", default="out/demo.wav")
+    s.add_argument("--log-level", default="WARNING")
+    s.set_defaults(func=cmd_demo)
+
+    a = p.parse_args(argv)
+    try:
+        return a.func(a)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TtsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

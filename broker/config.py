@@ -1,0 +1,93 @@
+"""The TOML configuration of ``tts-broker serve``, validated with pydantic.
+
+Every key is documented in README.md ("Configuration reference"). Unknown
+keys are errors, so a typo is reported with its location instead of being
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.registry import DEFAULT_PIPER_VOICE
+
+from .core import CoreSettings
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BrokerConfig(_Strict):
+    frontend: str = "tcp://127.0.0.1:5555"
+    """Endpoint clients connect to."""
+    backend: str = "tcp://127.0.0.1:5556"
+    """Endpoint workers connect to."""
+    heartbeat_ms: int = Field(default=250, ge=10, le=60_000)
+    liveness: int = Field(default=3, ge=1, le=100)
+    request_timeout_ms: int = Field(default=10_000, ge=1, le=3_600_000)
+    max_text_chars: int = Field(default=5000, ge=1, le=1_000_000)
+    max_message_bytes: int = Field(default=1 << 20, ge=1024)
+    max_queue: int = Field(default=1000, ge=1)
+    max_inflight_per_client: int = Field(default=64, ge=1)
+    client_hwm: int = Field(default=10_000, ge=10)
+    """Messages queued toward one client before it counts as stalled and its streams are cancelled."""
+    default_language: str = "en"
+
+
+class WorkerConfig(_Strict):
+    engine: Literal["piper"] = "piper"
+    voice: str = DEFAULT_PIPER_VOICE
+    """Bundled voice name, voice-directory name, or path to a ``.onnx``."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    count: int = Field(default=1, ge=0, le=64)
+    """Worker processes to run for this voice."""
+
+
+class Config(_Strict):
+    broker: BrokerConfig = BrokerConfig()
+    workers: list[WorkerConfig] = Field(default_factory=lambda: [WorkerConfig()])
+    voice_dirs: list[str] = Field(default_factory=list)
+    """Extra directories searched for ``NAME.onnx`` voices."""
+    log_level: str = "INFO"
+
+    def core_settings(self) -> CoreSettings:
+        b = self.broker
+        return CoreSettings(
+            heartbeat_s=b.heartbeat_ms / 1000,
+            liveness=b.liveness,
+            request_timeout_s=b.request_timeout_ms / 1000,
+            max_text_chars=b.max_text_chars,
+            max_queue=b.max_queue,
+            max_inflight_per_client=b.max_inflight_per_client,
+            default_language=b.default_language,
+            known_voices=frozenset(Path(w.voice).name.removesuffix(".onnx") for w in self.workers if w.count > 0),
+        )
+
+
+def load_config(path: Optional[str | Path]) -> Config:
+    """Read and validate a TOML file; ``None`` gives the defaults (one Piper worker, bundled voice)."""
+    if path is None:
+        return Config()
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{path}: invalid configuration:"]
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None

@@ -1,0 +1,118 @@
+"""The thin socket loop around :class:`broker.core.BrokerCore`.
+
+Two ROUTER sockets — clients on the frontend, workers on the backend — both
+with ``ROUTER_MANDATORY`` so an undeliverable message raises instead of
+vanishing; that failure is reported to the core, which cancels what the lost
+peer was owed. Everything else is the core's decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Optional
+
+import zmq
+
+from .core import Action, BrokerCore, CoreSettings
+
+log = logging.getLogger("broker")
+
+
+class BrokerServer:
+    def __init__(
+        self,
+        frontend: str = "tcp://127.0.0.1:5555",
+        backend: str = "tcp://127.0.0.1:5556",
+        settings: CoreSettings = CoreSettings(),
+        *,
+        max_message_bytes: int = 1 << 20,
+        client_hwm: int = 10_000,
+        context: Optional[zmq.Context] = None,
+    ) -> None:
+        self.core = BrokerCore(settings)
+        self.ctx = context or zmq.Context.instance()
+        self.frontend_ep = frontend
+        self.backend_ep = backend
+        self.stop_event = threading.Event()
+        self.frontend = self._router(max_message_bytes, client_hwm)
+        self.backend = self._router(max_message_bytes, 10_000)
+        self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.frontend.bind(frontend)
+        self.backend.bind(backend)
+        # Report the real endpoints when port 0 / wildcards were asked for.
+        self.frontend_ep = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.backend_ep = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("broker listening: clients %s, workers %s", self.frontend_ep, self.backend_ep)
+
+    def _router(self, max_message_bytes: int, hwm: int) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.LINGER, 0)
+        return sock
+
+    def _apply(self, actions: list[Action], now: float) -> None:
+        pending = actions
+        while pending:
+            failed: list[Action] = []
+            for to_worker, peer, frames in pending:
+                sock = self.backend if to_worker else self.frontend
+                try:
+                    sock.send_multipart([peer, *frames], zmq.NOBLOCK, copy=False)
+                except zmq.ZMQError as exc:
+                    # EHOSTUNREACH: the peer is gone. EAGAIN: it stopped reading
+                    # and its queue is full. Either way it cannot be served.
+                    side = "worker" if to_worker else "client"
+                    log.warning("cannot send to %s %s: %s", side, peer.hex(), exc.strerror)
+                    failed.append(Action(to_worker, peer, frames))
+            pending = []
+            for to_worker, peer, _ in {(a.to_worker, a.peer): a for a in failed}.values():
+                pending += self.core.on_send_failed(to_worker, peer, now)
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        core = self.core
+        heartbeat = core.s.heartbeat_s
+        next_tick = time.monotonic() + heartbeat
+        try:
+            while not self.stop_event.is_set():
+                timeout = max(0.0, next_tick - time.monotonic())
+                ready = dict(poller.poll(min(timeout, 0.1) * 1000))
+                if self.backend in ready:
+                    self._drain(self.backend, core.on_worker)
+                if self.frontend in ready:
+                    self._drain(self.frontend, core.on_client)
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._apply(core.tick(now), now)
+                    next_tick = now + heartbeat
+        finally:
+            self.frontend.close(linger=0)
+            self.backend.close(linger=0)
+            log.info("broker stopped")
+
+    def _drain(self, sock: zmq.Socket, handle) -> None:  # type: ignore[no-untyped-def]
+        # Bounded so one busy side cannot starve the other or the heartbeats.
+        for _ in range(1000):
+            try:
+                msg = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            now = time.monotonic()
+            if len(msg) < 2:
+                continue
+            self._apply(handle(msg[0], msg[1:], now), now)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def start_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="broker", daemon=True)
+        thread.start()
+        return thread

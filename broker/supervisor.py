@@ -1,0 +1,112 @@
+"""Starts engine worker processes and restarts the ones that die, with backoff.
+
+Workers are separate processes (a crashed or frozen model never takes the
+broker down), started with the same Python as the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .config import Config, WorkerConfig
+
+log = logging.getLogger("broker.supervisor")
+
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 15.0
+STABLE_AFTER_S = 30.0
+"""A worker that ran this long resets its backoff."""
+
+
+@dataclass(eq=False)
+class _Slot:
+    name: str
+    argv: list[str]
+    proc: Optional[subprocess.Popen] = None
+    started: float = 0.0
+    backoff: float = BACKOFF_START_S
+    restart_at: float = 0.0
+    restarts: int = 0
+    history: list[int] = field(default_factory=list)
+
+
+def worker_argv(cfg: Config, w: WorkerConfig) -> list[str]:
+    b = cfg.broker
+    argv = [
+        sys.executable, "-m", f"engines.{w.engine}",
+        "--backend", b.backend.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1"),
+        "--heartbeat-ms", str(b.heartbeat_ms),
+        "--liveness", str(b.liveness),
+        "--log-level", cfg.log_level,
+        "--voice", w.voice,
+        "--device", w.device,
+    ]
+    for d in cfg.voice_dirs:
+        argv += ["--voice-dir", d]
+    return argv
+
+
+class Supervisor:
+    def __init__(self, cfg: Config) -> None:
+        self.slots = [
+            _Slot(f"{w.engine}:{w.voice}#{i}", worker_argv(cfg, w))
+            for w in cfg.workers
+            for i in range(w.count)
+        ]
+        self.stop_event = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        for slot in self.slots:
+            self._spawn(slot)
+        self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+        self._thread.start()
+
+    def _spawn(self, slot: _Slot) -> None:
+        slot.proc = subprocess.Popen(slot.argv)
+        slot.started = time.monotonic()
+        log.info("started worker %s (pid %d)", slot.name, slot.proc.pid)
+
+    def _watch(self) -> None:
+        while not self.stop_event.wait(0.2):
+            now = time.monotonic()
+            for slot in self.slots:
+                proc = slot.proc
+                if proc is not None and proc.poll() is not None:
+                    ran = now - slot.started
+                    if ran >= STABLE_AFTER_S:
+                        slot.backoff = BACKOFF_START_S
+                    log.warning("worker %s (pid %d) exited with %s after %.1fs; restarting in %.1fs",
+                                slot.name, proc.pid, proc.returncode, ran, slot.backoff)
+                    slot.proc = None
+                    slot.restart_at = now + slot.backoff
+                    slot.backoff = min(slot.backoff * 2, BACKOFF_MAX_S)
+                elif proc is None and now >= slot.restart_at and not self.stop_event.is_set():
+                    slot.restarts += 1
+                    self._spawn(slot)
+
+    def pids(self) -> list[int]:
+        return [s.proc.pid for s in self.slots if s.proc is not None and s.proc.poll() is None]
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stop_event.set()
+        if self._thread is not None:
+            self._thread.join()
+        procs = [s.proc for s in self.slots if s.proc is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker pid %d did not stop; killing it", p.pid)
+                p.kill()
+                p.wait()

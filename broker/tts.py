@@ -1,0 +1,249 @@
+"""The TTS layer on top of MDP/0.2: request validation and stream events.
+
+A TTS request body is two frames, ``request id`` and a JSON object. Every reply
+body starts with the same request id and an event name; the events are small
+dataclasses with a symmetric ``body(request_id)`` / ``from_body(frames)`` pair
+so encoder and decoder cannot drift apart. Units are stated on the fields.
+
+The same event frames travel worker → broker and broker → client; the broker
+only rewrites what it owns (sequence numbers, the worker id in ``start``, the
+broker-side statistics in ``end``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Frames = list[bytes]
+
+SERVICE = "tts"
+CANCEL_SERVICE = "tts.cancel"
+STATUS_SERVICE = "tts.status"
+RESERVED_SERVICES = frozenset({SERVICE, CANCEL_SERVICE, STATUS_SERVICE})
+WORKER_CANCEL = b"tts.cancel"
+"""Body of the broker → engine-worker REQUEST that cancels the worker's current job."""
+
+MAX_REQUEST_ID = 255
+"""Longest request id, in bytes."""
+
+FORMATS = ("s16le", "f32le")
+SAMPLE_WIDTH = {"s16le": 2, "f32le": 4}
+"""Bytes per sample of each wire format."""
+
+# Error codes (PROTOCOL.md lists what each means).
+BAD_REQUEST = "bad_request"
+TOO_LARGE = "too_large"
+UNAVAILABLE = "unavailable"
+CANCELLED = "cancelled"
+TIMEOUT = "timeout"
+INTERNAL = "internal"
+OVERLOADED = "overloaded"
+ERROR_CODES = (BAD_REQUEST, TOO_LARGE, UNAVAILABLE, CANCELLED, TIMEOUT, INTERNAL, OVERLOADED)
+
+_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")
+
+
+class RequestError(Exception):
+    """A request that cannot be served; becomes a FINAL ``error`` event."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def normalize_language(tag: str) -> str:
+    """``pt-BR`` → ``pt``, ``en_US`` → ``en``: engines route on the primary subtag."""
+    return re.split(r"[-_]", tag, maxsplit=1)[0].lower()
+
+
+class SynthesisRequest(BaseModel):
+    """The JSON object in frame 4 of a TTS request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: str
+    language: str = "en"
+    voice: Optional[str] = Field(default=None, min_length=1, max_length=200)
+    engine: Optional[Literal["piper", "xtts"]] = None
+    format: Literal["s16le", "f32le"] = "s16le"
+    sample_rate: Optional[int] = Field(default=None, ge=8000, le=48000)
+    """Output rate in Hertz; default the engine's native rate."""
+    chunk_ms: int = Field(default=40, ge=10, le=1000)
+    """Audio per chunk in milliseconds (the last chunk of a sentence may be shorter)."""
+    speed: float = Field(default=1.0, gt=0.25, le=4.0)
+    """Speaking rate multiplier: 2.0 speaks twice as fast."""
+
+    @field_validator("text")
+    @classmethod
+    def _text_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("text is empty")
+        return v
+
+    @field_validator("language")
+    @classmethod
+    def _language_tag(cls, v: str) -> str:
+        if not _LANGUAGE.match(v):
+            raise ValueError("language must be a tag such as en, en-US, pt or pt-BR")
+        return v
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+def parse_request(raw: bytes, max_text_chars: int) -> SynthesisRequest:
+    """Validate frame 4 of a request; raise :class:`RequestError` with a clear message."""
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RequestError(BAD_REQUEST, f"body is not UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RequestError(BAD_REQUEST, "body must be a JSON object")
+    text = obj.get("text")
+    if isinstance(text, str) and len(text) > max_text_chars:
+        raise RequestError(TOO_LARGE, f"text is {len(text)} characters; the limit is {max_text_chars}")
+    try:
+        return SynthesisRequest.model_validate(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise RequestError(BAD_REQUEST, f"{where}: {first['msg']}") from None
+
+
+def check_request_id(rid: bytes) -> None:
+    if not 1 <= len(rid) <= MAX_REQUEST_ID:
+        raise RequestError(BAD_REQUEST, "request id must be 1-255 bytes")
+
+
+# --------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+@dataclass
+class Start:
+    """First event of every stream (PARTIAL): how to play what follows."""
+
+    sample_rate: int
+    """Hertz."""
+    format: str
+    """``s16le`` or ``f32le``."""
+    engine: str
+    voice: str
+    worker: dict[str, Any]
+    """At least ``id`` (broker-side worker id) and ``pid`` (OS process id)."""
+    channels: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Any further keys, passed through untouched."""
+
+    name = b"start"
+
+    def body(self, rid: bytes) -> Frames:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return [rid, self.name, _json(d)]
+
+    @classmethod
+    def from_body(cls, frames: Frames) -> "Start":
+        d = json.loads(frames[2])
+        known = {k: d.pop(k) for k in ("sample_rate", "format", "engine", "voice", "worker", "channels") if k in d}
+        return cls(**known, extra=d)
+
+
+@dataclass
+class Audio:
+    """One chunk of PCM (PARTIAL)."""
+
+    seq: int
+    """Position in the stream: 0, 1, 2, … without gaps."""
+    pcm: bytes
+    """Little-endian samples in the format announced by ``start``."""
+
+    name = b"audio"
+
+    def body(self, rid: bytes) -> Frames:
+        return [rid, self.name, struct.pack(">I", self.seq), self.pcm]
+
+    @classmethod
+    def from_body(cls, frames: Frames) -> "Audio":
+        if len(frames) != 4 or len(frames[2]) != 4:
+            raise ValueError("audio event needs a 4-byte sequence frame and a PCM frame")
+        return cls(struct.unpack(">I", frames[2])[0], frames[3])
+
+
+@dataclass
+class End:
+    """Last event of a successful stream (FINAL): statistics."""
+
+    stats: dict[str, Any]
+    """``samples``, ``audio_s`` (seconds), ``ttfa_ms`` (milliseconds, broker-measured), ``engines``…"""
+
+    name = b"end"
+
+    def body(self, rid: bytes) -> Frames:
+        return [rid, self.name, _json(self.stats)]
+
+    @classmethod
+    def from_body(cls, frames: Frames) -> "End":
+        return cls(json.loads(frames[2]))
+
+
+@dataclass
+class Error:
+    """Last event of a failed stream (FINAL)."""
+
+    code: str
+    message: str
+
+    name = b"error"
+
+    def body(self, rid: bytes) -> Frames:
+        return [rid, self.name, _json({"code": self.code, "message": self.message})]
+
+    @classmethod
+    def from_body(cls, frames: Frames) -> "Error":
+        d = json.loads(frames[2])
+        return cls(str(d.get("code", INTERNAL)), str(d.get("message", "")))
+
+
+@dataclass
+class Other:
+    """A PARTIAL event this version does not know; clients ignore it."""
+
+    event: str
+    frames: Frames
+
+
+Event = Union[Start, Audio, End, Error, Other]
+_DECODERS = {c.name: c for c in (Start, Audio, End, Error)}
+
+
+def decode_event(body: Frames) -> tuple[bytes, Event]:
+    """Split a reply body into ``(request id, event)``; raise ValueError when malformed."""
+    if len(body) < 2:
+        raise ValueError("event body needs a request id and an event name")
+    rid, name = body[0], body[1]
+    cls = _DECODERS.get(name)
+    if cls is None:
+        return rid, Other(name.decode("utf-8", "replace"), list(body[2:]))
+    if cls is not Audio and len(body) != 3:
+        raise ValueError(f"{name.decode()} event needs exactly one JSON frame")
+    try:
+        return rid, cls.from_body(body)
+    except (TypeError, KeyError, UnicodeDecodeError, json.JSONDecodeError, struct.error) as exc:
+        raise ValueError(f"malformed {name.decode()} event: {exc}") from None
+
+
+def error_body(rid: bytes, code: str, message: str) -> Frames:
+    return Error(code, message).body(rid)

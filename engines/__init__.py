@@ -1,0 +1,1 @@
+"""Engine workers: one shared MDP worker runtime and small engine classes."""

@@ -1,0 +1,77 @@
+"""Float audio from an engine → fixed-size PCM chunks in the requested format and rate.
+
+This is the only place where engine audio changes rate or format, so every
+engine (Piper per sentence, XTTS per streamed chunk) produces identical wire
+audio. Resampling is python-soxr's streaming resampler, restarted per
+*segment* (a sentence): the resampler's delay is flushed at each segment end,
+so a segment's audio is complete when its last chunk is sent.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+import soxr
+
+from broker.tts import SAMPLE_WIDTH
+
+_S16_MAX = 32767.0
+
+
+def to_pcm(audio: np.ndarray, fmt: str) -> bytes:
+    """Float samples in [-1, 1] → little-endian PCM bytes."""
+    if fmt == "s16le":
+        return (np.clip(audio, -1.0, 1.0) * _S16_MAX).astype("<i2").tobytes()
+    if fmt == "f32le":
+        return np.asarray(audio, dtype="<f4").tobytes()
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+class ChunkEncoder:
+    """Turns segments of float audio into chunks of ``chunk_ms`` PCM.
+
+    Chunks are exactly ``chunk_ms`` long except the last one of each segment,
+    which carries the remainder, so no audio of a finished sentence waits for
+    the next one.
+    """
+
+    def __init__(self, in_rate: int, out_rate: int, fmt: str, chunk_ms: int) -> None:
+        if fmt not in SAMPLE_WIDTH:
+            raise ValueError(f"unknown format {fmt!r}")
+        self.in_rate = in_rate
+        self.out_rate = out_rate
+        self.fmt = fmt
+        self.chunk_samples = max(1, out_rate * chunk_ms // 1000)
+        """Samples per full chunk at the output rate."""
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._resampler: Optional[soxr.ResampleStream] = None
+
+    def _resample(self, audio: np.ndarray, last: bool) -> np.ndarray:
+        if self.in_rate == self.out_rate:
+            return audio
+        if self._resampler is None:
+            self._resampler = soxr.ResampleStream(self.in_rate, self.out_rate, 1, dtype="float32", quality="HQ")
+        out = self._resampler.resample_chunk(audio, last=last)
+        if last:
+            self._resampler = None
+        return out
+
+    def push(self, audio: np.ndarray) -> Iterator[bytes]:
+        """Add engine audio of the current segment; yield the chunks now complete."""
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        pending = np.concatenate((self._pending, self._resample(audio, last=False)))
+        n = self.chunk_samples
+        full = len(pending) // n * n
+        for i in range(0, full, n):
+            yield to_pcm(pending[i : i + n], self.fmt)
+        self._pending = pending[full:]
+
+    def end_segment(self) -> Iterator[bytes]:
+        """Flush the segment: the resampler's tail and the short final chunk."""
+        tail = self._resample(np.zeros(0, dtype=np.float32), last=True) if self._resampler is not None else np.zeros(0, np.float32)
+        pending = np.concatenate((self._pending, tail))
+        self._pending = np.zeros(0, dtype=np.float32)
+        n = self.chunk_samples
+        for i in range(0, len(pending), n):
+            yield to_pcm(pending[i : i + n], self.fmt)

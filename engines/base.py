@@ -1,0 +1,65 @@
+"""What an engine is: a small class that turns (text, options) into float audio.
+
+Everything else a worker does — MDP, heartbeats, cancel, chunking, format and
+rate conversion — is the runtime's job (``engines/runtime.py``), written once.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from broker.tts import BAD_REQUEST, RequestError, SynthesisRequest, normalize_language
+
+
+class Engine(abc.ABC):
+    """A loaded model, ready to speak. Constructed once per worker process."""
+
+    engine: str
+    """Engine family: ``piper`` or ``xtts``."""
+    native_rate: int
+    """Rate of the float audio :meth:`synthesize` yields, in Hertz."""
+
+    @property
+    @abc.abstractmethod
+    def service(self) -> str:
+        """MDP service this worker registers (one per voice or model)."""
+
+    @abc.abstractmethod
+    def languages(self) -> list[str]:
+        """Primary language subtags served (``en``, ``pt``…)."""
+
+    @abc.abstractmethod
+    def voices(self) -> list[str]:
+        """Voice (or speaker) names a request may ask for."""
+
+    @abc.abstractmethod
+    def voice_for(self, request: SynthesisRequest) -> str:
+        """Name of the voice that will speak ``request`` (reported in ``start``)."""
+
+    @abc.abstractmethod
+    def synthesize(self, request: SynthesisRequest) -> Iterator[Iterable[np.ndarray]]:
+        """Yield one iterable per sentence, each of float32 mono arrays at :attr:`native_rate`.
+
+        The runtime pulls lazily and checks for cancellation between arrays, so
+        a generator that does its work on demand is cancelled between pieces.
+        """
+
+    def check(self, request: SynthesisRequest) -> None:
+        """Refuse a request this engine cannot serve, before any audio."""
+        if normalize_language(request.language) not in self.languages():
+            raise RequestError(BAD_REQUEST, f"{self.service} does not speak {request.language!r}")
+        if request.voice is not None and request.voice not in self.voices():
+            raise RequestError(BAD_REQUEST, f"{self.service} has no voice {request.voice!r}")
+
+    def capabilities(self) -> dict[str, Any]:
+        """Sent in READY so the broker can route by language, engine and voice."""
+        return {
+            "protocol": "tts/1",
+            "engine": self.engine,
+            "languages": self.languages(),
+            "voices": self.voices(),
+            "sample_rate": self.native_rate,
+        }

@@ -1,0 +1,35 @@
+"""Command-line plumbing shared by every engine worker's ``python -m`` entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Callable
+
+from engines.base import Engine
+from engines.runtime import WorkerRuntime
+
+log = logging.getLogger("engines")
+
+
+def worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="tcp://127.0.0.1:5556", help="broker backend endpoint")
+    parser.add_argument("--heartbeat-ms", type=int, default=250, help="heartbeat interval (must match the broker)")
+    parser.add_argument("--liveness", type=int, default=3, help="missed heartbeats before the broker counts as lost")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def run_worker(args: argparse.Namespace, load: Callable[[], Engine]) -> None:
+    """Load the engine (exit 2 with a clear message if that fails), then serve until SIGTERM/SIGINT."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine = load()
+    except Exception as exc:
+        log.error("engine failed to start: %s", exc)
+        sys.exit(2)
+    runtime = WorkerRuntime(engine, args.backend, heartbeat_s=args.heartbeat_ms / 1000, liveness=args.liveness)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: runtime.stop())
+    runtime.run()

@@ -1,0 +1,1 @@
+"""Where voices and model files come from."""
