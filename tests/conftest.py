@@ -1,0 +1,116 @@
+"""Shared fixtures: real broker and worker processes over loopback TCP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.fixtures.tiny_piper import build_tiny_piper_voice
+from tests.mdp_peers import RawClient
+
+ROOT = Path(__file__).resolve().parent.parent
+EN_VOICE = "en_US-joe-medium"
+PT_VOICE = "pt_BR-tinyfixture-x_low"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    """A running ``tts-broker serve`` process and how to reach it."""
+
+    proc: subprocess.Popen
+    frontend: str
+    backend: str
+    log: Path
+
+    def client(self) -> RawClient:
+        return RawClient(self.frontend)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_services(frontend: str, services: list[str], timeout: float = 120.0) -> None:
+    client = RawClient(frontend)
+    try:
+        deadline = time.monotonic() + timeout
+        pending = list(services)
+        while pending:
+            assert time.monotonic() < deadline, f"services never came up: {pending}"
+            if client.call(b"mmi.service", pending[0].encode(), timeout=5)[3] == b"200":
+                pending.pop(0)
+            else:
+                time.sleep(0.1)
+    finally:
+        client.close()
+
+
+def start_serve(tmp: Path, workers_toml: str, extra_broker: str = "") -> Served:
+    fe, be = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    cfg = tmp / "serve.toml"
+    cfg.write_text(f'log_level = "INFO"\n[broker]\nfrontend = "{fe}"\nbackend = "{be}"\n{extra_broker}\n{workers_toml}')
+    log = tmp / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", "serve", "--config", str(cfg)],
+        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+    return Served(proc, fe, be, log)
+
+
+def stop_serve(served: Served) -> int:
+    if served.proc.poll() is None:
+        served.proc.send_signal(signal.SIGINT)
+        try:
+            return served.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            served.proc.kill()
+            served.proc.wait()
+            raise
+    return served.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def tiny_pt_voice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tone-producing Piper-format voice for pt_BR: a test fixture, not a product voice."""
+    return build_tiny_piper_voice(tmp_path_factory.mktemp("voices"), PT_VOICE)
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory, tiny_pt_voice: Path) -> Iterator[Served]:
+    """``tts-broker serve`` with the bundled English voice and the tiny pt_BR fixture voice."""
+    tmp = tmp_path_factory.mktemp("serve")
+    workers = (
+        f'[[workers]]\nvoice = "{EN_VOICE}"\ndevice = "cpu"\n'
+        f'[[workers]]\nvoice = "{tiny_pt_voice}"\ndevice = "cpu"\n'
+    )
+    s = start_serve(tmp, workers, "request_timeout_ms = 8000")
+    try:
+        wait_services(s.frontend, [f"piper.{EN_VOICE}", f"piper.{PT_VOICE}"])
+        yield s
+    finally:
+        rc = stop_serve(s)
+        assert rc == 0, f"serve exited with {rc}; log:\n{s.log_text()[-3000:]}"
+
+
+@pytest.fixture
+def client(served: Served) -> Iterator[RawClient]:
+    c = served.client()
+    yield c
+    c.close()
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -1,0 +1,75 @@
+"""Configuration validation and the tts-broker command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile
+
+from broker.config import ConfigError, load_config
+from tests.conftest import ROOT, Served
+
+
+def _cfg(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_without_a_file() -> None:
+    cfg = load_config(None)
+    assert cfg.broker.frontend == "tcp://127.0.0.1:5555" and cfg.broker.backend == "tcp://127.0.0.1:5556"
+    assert cfg.broker.heartbeat_ms == 250 and cfg.broker.liveness == 3
+    assert [(w.engine, w.voice, w.count) for w in cfg.workers] == [("piper", "en_US-joe-medium", 1)]
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("[broker]\nheartbeat_msec = 100\n", "broker.heartbeat_msec"),
+        ("[broker]\nliveness = 0\n", "broker.liveness"),
+        ("[[workers]]\nengine = \"espeak\"\n", "workers.0.engine"),
+        ("[[workers]]\ndevice = \"tpu\"\n", "workers.0.device"),
+        ("[broker\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, where: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(_cfg(tmp_path, text))
+    assert where in str(err.value)
+
+
+def test_serve_rejects_bad_config_with_exit_2(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "serve", "--config", str(_cfg(tmp_path, "[broker]\nbogus = 1\n"))],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2 and "broker.bogus" in r.stderr
+
+
+def test_say_and_status(served: Served, tmp_path: Path) -> None:
+    out = tmp_path / "say.wav"
+    r = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "say", "Roll for initiative.", "-o", str(out), "--frontend", served.frontend],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "time to first audio" in r.stdout and "real-time factor" in r.stdout
+    info = soundfile.info(str(out))
+    assert info.samplerate == 22050 and info.channels == 1 and info.subtype == "PCM_16" and info.duration > 0.5
+    r = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "status", "--frontend", served.frontend],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0 and "piper.en_US-joe-medium" in r.stdout and "pid" in r.stdout
+
+
+def test_say_reports_errors(served: Served, tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "say", "x", "--voice", "nobody", "-o", str(tmp_path / "x.wav"), "--frontend", served.frontend],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 1 and "bad_request" in r.stderr
