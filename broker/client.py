@@ -49,19 +49,45 @@ def _new_prefix() -> bytes:
     return os.urandom(4).hex().encode()
 
 
-class Stream:
-    """One request's events, in order. Iterating raises :class:`TtsError` on an ``error`` event."""
+class _StreamState:
+    """What both clients track per stream: start, end, sequence order, first-audio time."""
 
-    def __init__(self, client: "TtsClient", rid: bytes) -> None:
-        self.client = client
+    def __init__(self, rid: bytes) -> None:
         self.rid = rid
-        self.events: collections.deque[Event] = collections.deque()
         self.start: Optional[Start] = None
         self.end: Optional[End] = None
         self.done = False
         self.sent_at = time.monotonic()
         self.first_audio_at: Optional[float] = None
         self.next_seq = 0
+
+    def _observe(self, event: Event) -> Event:
+        """Record ``event``; a broken sequence becomes an ``internal`` error for this stream."""
+        if isinstance(event, Start):
+            self.start = event
+        elif isinstance(event, Audio):
+            if event.seq != self.next_seq:
+                return Error(tts.INTERNAL, f"sequence gap: expected {self.next_seq}, got {event.seq}")
+            self.next_seq += 1
+            if self.first_audio_at is None:
+                self.first_audio_at = time.monotonic()
+        elif isinstance(event, End):
+            self.end = event
+        return event
+
+    @property
+    def ttfa_s(self) -> Optional[float]:
+        """Seconds from sending the request to the first audio chunk, as seen by this client."""
+        return None if self.first_audio_at is None else self.first_audio_at - self.sent_at
+
+
+class Stream(_StreamState):
+    """One request's events, in order. Iterating raises :class:`TtsError` on an ``error`` event."""
+
+    def __init__(self, client: "TtsClient", rid: bytes) -> None:
+        super().__init__(rid)
+        self.client = client
+        self.events: collections.deque[Event] = collections.deque()
 
     def __iter__(self) -> Iterator[Event]:
         while True:
@@ -71,21 +97,16 @@ class Stream:
                 self.client._pump(self)
             event = self.events.popleft()
             if isinstance(event, Error):
+                if not self.done:  # a client-side error (sequence gap): stop the stream
+                    self.client.cancel(self)
+                    self.client._streams.pop(self.rid, None)
+                    self.done = True
+                    self.events.clear()
                 raise TtsError(event.code, event.message)
             yield event
 
     def _accept(self, event: Event) -> None:
-        if isinstance(event, Start):
-            self.start = event
-        elif isinstance(event, Audio):
-            if event.seq != self.next_seq:
-                raise TtsError(tts.INTERNAL, f"sequence gap: expected {self.next_seq}, got {event.seq}")
-            self.next_seq += 1
-            if self.first_audio_at is None:
-                self.first_audio_at = time.monotonic()
-        elif isinstance(event, End):
-            self.end = event
-        self.events.append(event)
+        self.events.append(self._observe(event))
 
     def audio(self) -> bytes:
         """Read the whole stream and return its PCM."""
@@ -93,11 +114,6 @@ class Stream:
 
     def cancel(self) -> None:
         self.client.cancel(self)
-
-    @property
-    def ttfa_s(self) -> Optional[float]:
-        """Seconds from sending the request to the first audio chunk, as seen by this client."""
-        return None if self.first_audio_at is None else self.first_audio_at - self.sent_at
 
 
 class TtsClient:
@@ -212,15 +228,11 @@ class TtsClient:
         return json.loads(reply.body[0])
 
 
-class AsyncStream:
+class AsyncStream(_StreamState):
     def __init__(self, client: "AsyncTtsClient", rid: bytes) -> None:
+        super().__init__(rid)
         self.client = client
-        self.rid = rid
         self.queue: asyncio.Queue[tuple[Event, bool]] = asyncio.Queue()
-        self.start: Optional[Start] = None
-        self.end: Optional[End] = None
-        self.done = False
-        self.next_seq = 0
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._events()
@@ -234,16 +246,10 @@ class AsyncStream:
                 self.done = True
                 raise TtsTimeout(f"no reply within {self.client.timeout:g}s") from None
             self.done = final
+            event = self._observe(event)
             if isinstance(event, Error):
+                self.done = True
                 raise TtsError(event.code, event.message)
-            if isinstance(event, Start):
-                self.start = event
-            elif isinstance(event, End):
-                self.end = event
-            elif isinstance(event, Audio):
-                if event.seq != self.next_seq:
-                    raise TtsError(tts.INTERNAL, f"sequence gap: expected {self.next_seq}, got {event.seq}")
-                self.next_seq += 1
             yield event
 
     async def audio(self) -> bytes:

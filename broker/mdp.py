@@ -219,7 +219,7 @@ def decode_worker(frames: Frames, *, from_broker: bool = False) -> WorkerCommand
         if len(frames) == 4:
             try:
                 caps = json.loads(frames[3])
-            except (UnicodeDecodeError, ValueError) as exc:
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
                 raise ProtocolError(f"READY capabilities are not JSON: {exc}") from None
             if not isinstance(caps, dict):
                 raise ProtocolError("READY capabilities must be a JSON object")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from .config import Config, WorkerConfig
@@ -33,7 +33,6 @@ class _Slot:
     backoff: float = BACKOFF_START_S
     restart_at: float = 0.0
     restarts: int = 0
-    history: list[int] = field(default_factory=list)
 
 
 def worker_argv(cfg: Config, w: WorkerConfig) -> list[str]:

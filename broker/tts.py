@@ -101,11 +101,9 @@ class SynthesisRequest(BaseModel):
 def parse_request(raw: bytes, max_text_chars: int) -> SynthesisRequest:
     """Validate frame 4 of a request; raise :class:`RequestError` with a clear message."""
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise RequestError(BAD_REQUEST, f"body is not UTF-8 JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise RequestError(BAD_REQUEST, "body must be a JSON object")
+        obj = json_object(raw, "body")
+    except ValueError as exc:
+        raise RequestError(BAD_REQUEST, str(exc)) from None
     text = obj.get("text")
     if isinstance(text, str) and len(text) > max_text_chars:
         raise RequestError(TOO_LARGE, f"text is {len(text)} characters; the limit is {max_text_chars}")
@@ -129,6 +127,17 @@ def check_request_id(rid: bytes) -> None:
 
 def _json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """Parse a frame that must hold a JSON object; ValueError (never anything else) if not."""
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{what} is not UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} must be a JSON object")
+    return obj
 
 
 @dataclass
@@ -156,7 +165,7 @@ class Start:
 
     @classmethod
     def from_body(cls, frames: Frames) -> "Start":
-        d = json.loads(frames[2])
+        d = json_object(frames[2], "start")
         known = {k: d.pop(k) for k in ("sample_rate", "format", "engine", "voice", "worker", "channels") if k in d}
         return cls(**known, extra=d)
 
@@ -196,7 +205,7 @@ class End:
 
     @classmethod
     def from_body(cls, frames: Frames) -> "End":
-        return cls(json.loads(frames[2]))
+        return cls(json_object(frames[2], "end"))
 
 
 @dataclass
@@ -213,7 +222,7 @@ class Error:
 
     @classmethod
     def from_body(cls, frames: Frames) -> "Error":
-        d = json.loads(frames[2])
+        d = json_object(frames[2], "error")
         return cls(str(d.get("code", INTERNAL)), str(d.get("message", "")))
 
 
@@ -241,7 +250,7 @@ def decode_event(body: Frames) -> tuple[bytes, Event]:
         raise ValueError(f"{name.decode()} event needs exactly one JSON frame")
     try:
         return rid, cls.from_body(body)
-    except (TypeError, KeyError, UnicodeDecodeError, json.JSONDecodeError, struct.error) as exc:
+    except (TypeError, KeyError, struct.error) as exc:
         raise ValueError(f"malformed {name.decode()} event: {exc}") from None
 
 

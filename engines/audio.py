@@ -20,11 +20,16 @@ _S16_MAX = 32767.0
 
 
 def to_pcm(audio: np.ndarray, fmt: str) -> bytes:
-    """Float samples in [-1, 1] → little-endian PCM bytes."""
+    """Float samples → little-endian PCM bytes, clipped to [-1, 1].
+
+    Clipping matters for f32le too: engines normalise to full scale, and the
+    resampler's ringing can overshoot it slightly.
+    """
+    clipped = np.clip(audio, -1.0, 1.0)
     if fmt == "s16le":
-        return (np.clip(audio, -1.0, 1.0) * _S16_MAX).astype("<i2").tobytes()
+        return (clipped * _S16_MAX).astype("<i2").tobytes()
     if fmt == "f32le":
-        return np.asarray(audio, dtype="<f4").tobytes()
+        return clipped.astype("<f4").tobytes()
     raise ValueError(f"unknown format {fmt!r}")
 
 

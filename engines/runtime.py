@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import zmq
 
@@ -235,22 +235,21 @@ class WorkerRuntime:
             seq = samples = sentences = 0
             first: Optional[float] = None
             width = tts.SAMPLE_WIDTH[request.format]
-            for sentence in self.engine.synthesize(request):
-                for audio in sentence:
+
+            def send(chunks: Iterator[bytes]) -> None:
+                nonlocal seq, samples, first
+                for pcm in chunks:
                     if job.cancel.is_set():
                         raise _Cancelled
-                    for pcm in encoder.push(audio):
-                        emit(_PARTIAL, tts.Audio(seq, pcm).body(job.rid))
-                        first = first or time.monotonic()
-                        seq += 1
-                        samples += len(pcm) // width
-                if job.cancel.is_set():
-                    raise _Cancelled
-                for pcm in encoder.end_segment():
                     emit(_PARTIAL, tts.Audio(seq, pcm).body(job.rid))
                     first = first or time.monotonic()
                     seq += 1
                     samples += len(pcm) // width
+
+            for sentence in self.engine.synthesize(request):
+                for audio in sentence:
+                    send(encoder.push(audio))
+                send(encoder.end_segment())
                 sentences += 1
             elapsed = time.monotonic() - t0
             audio_s = samples / rate

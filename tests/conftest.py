@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 
@@ -59,15 +59,16 @@ def wait_services(frontend: str, services: list[str], timeout: float = 120.0) ->
         client.close()
 
 
-def start_serve(tmp: Path, workers_toml: str, extra_broker: str = "") -> Served:
+def start_serve(tmp: Path, workers_toml: Optional[str], extra_broker: str = "") -> Served:
+    """Start ``tts-broker serve`` on free ports; ``workers_toml`` None means no config file (defaults)."""
     fe, be = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    cfg = tmp / "serve.toml"
-    cfg.write_text(f'log_level = "INFO"\n[broker]\nfrontend = "{fe}"\nbackend = "{be}"\n{extra_broker}\n{workers_toml}')
+    argv = [sys.executable, "-m", "broker.cli", "serve", "--frontend", fe, "--backend", be]
+    if workers_toml is not None:
+        cfg = tmp / "serve.toml"
+        cfg.write_text(f'log_level = "INFO"\n[broker]\n{extra_broker}\n{workers_toml}')
+        argv += ["--config", str(cfg)]
     log = tmp / "serve.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "serve", "--config", str(cfg)],
-        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     return Served(proc, fe, be, log)
 
 

@@ -73,3 +73,15 @@ def test_say_reports_errors(served: Served, tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert r.returncode == 1 and "bad_request" in r.stderr
+
+
+def test_demo_main_job(tmp_path: Path) -> None:
+    out = tmp_path / "demo.wav"
+    r = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "demo", "-o", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "time to first audio" in r.stdout and "real-time factor" in r.stdout
+    info = soundfile.info(str(out))
+    assert info.samplerate == 22050 and info.duration > 3

@@ -8,9 +8,12 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
+
+from tests.asr import transcribe, words_heard
 from tests.conftest import EN_VOICE, start_serve, stop_serve, wait_services
 from tests.mdp_peers import RawClient
-from tests.test_e2e import LONG
+from tests.test_e2e import LONG, SENTENCE
 
 SERVICE = f"piper.{EN_VOICE}"
 
@@ -20,11 +23,16 @@ def _pids(client: RawClient) -> list[int]:
     return [w["pid"] for w in st["services"].get(SERVICE, {}).get("workers", [])]
 
 
-def test_crashed_worker_is_restarted_and_vanished_client_cancelled(tmp_path: Path) -> None:
-    s = start_serve(tmp_path, f'[[workers]]\nvoice = "{EN_VOICE}"\ndevice = "cpu"\n')
+def test_default_serve_speaks_restarts_crashed_workers_and_cancels_vanished_clients(tmp_path: Path) -> None:
+    s = start_serve(tmp_path, None)  # the default configuration: one worker, bundled voice
     try:
         wait_services(s.frontend, [SERVICE])
         c = s.client()
+        first = c.request(b"hello", {"text": SENTENCE})
+        c.wait(first)
+        first.check_invariants()
+        heard = transcribe(np.frombuffer(first.pcm(), dtype="<i2").astype(np.float32) / 32767, 22050)
+        assert words_heard(SENTENCE, heard) >= 0.6, heard
         (pid,) = _pids(c)
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 60
