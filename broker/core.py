@@ -55,6 +55,8 @@ from . import mdp, tts
 log = logging.getLogger("broker")
 
 MMI_SERVICE = "mmi.service"
+ENGINE_SERVICE_PREFIXES = ("piper.", "xtts")
+"""Service names reserved for engine workers: requests to them are TTS requests."""
 
 
 class Action(NamedTuple):
@@ -102,6 +104,8 @@ class Job:
     cancelled: bool = False
     replied: bool = False
     """Something reached the client already."""
+    started: bool = False
+    """The client has had its ``start`` event."""
     seq: int = 0
     samples: int = 0
     width: int = 2
@@ -186,14 +190,20 @@ class BrokerCore:
             self._expire(job, out)
         return out
 
+    @staticmethod
+    def _error_body(rid: Optional[bytes], code: str, message: str) -> list[bytes]:
+        """An error FINAL body: the TTS event, or ``["error", JSON]`` for an opaque service."""
+        if rid is not None:
+            return tts.error_body(rid, code, message)
+        return [b"error", json.dumps({"code": code, "message": message}).encode()]
+
     def _expire(self, job: Job, out: list[Action]) -> None:
         self.counters["expired"] += 1
         if job.rid is not None and not self._routable(job):
             self._finish(job, out, tts.error_body(job.rid, tts.UNAVAILABLE, "no live engine worker can serve this request"))
         else:
             msg = f"no worker became free within {self.s.request_timeout_s:g}s"
-            body = tts.error_body(job.rid, tts.TIMEOUT, msg) if job.rid is not None else [b"error", json.dumps({"code": tts.TIMEOUT, "message": msg}).encode()]
-            self._finish(job, out, body)
+            self._finish(job, out, self._error_body(job.rid, tts.TIMEOUT, msg))
 
     # --------------------------------------------------------------- workers
 
@@ -289,8 +299,7 @@ class BrokerCore:
         else:
             msg = f"worker {worker.label} failed mid-stream: {why}"
             log.error("job %s: %s", job.key.hex(), msg)
-            body = tts.error_body(job.rid, tts.INTERNAL, msg) if job.rid is not None else None
-            self._finish(job, out, body)
+            self._finish(job, out, self._error_body(job.rid, tts.INTERNAL, msg))
 
     def _worker_idle(self, worker: Worker, out: list[Action]) -> None:
         """A worker is free: give it the oldest waiting job it can serve, else park it."""
@@ -311,45 +320,46 @@ class BrokerCore:
             self._job_done(worker, job, out, None)
 
     def _relay_tts(self, worker: Worker, job: Job, cmd: mdp.WorkerReply, now: float, out: list[Action]) -> None:
-        body = cmd.body
-        name = body[1] if len(body) >= 2 else b""
         if job.cancelled:
             if cmd.final:
                 self._job_done(worker, job, out, None)
             return
+        body = cmd.body
         try:
-            if len(body) < 2 or body[0] != job.rid:
+            if body[:1] != [job.rid]:
                 raise ValueError("reply does not carry the job's request id")
-            if name == b"audio":
-                if len(body) != 4 or len(body[3]) % job.width:
-                    raise ValueError("audio event must be 4 frames of whole samples")
-                if not job.replied:
+            if body[1:2] == [b"audio"] and len(body) == 4:
+                # The hot path: checked without decoding the event.
+                if not job.started:
                     raise ValueError("audio before start")
+                if len(body[3]) % job.width:
+                    raise ValueError("audio chunk of partial samples")
                 if job.first_audio is None:
                     job.first_audio = now
                 job.samples += len(body[3]) // job.width
                 body = [job.rid, b"audio", struct.pack(">I", job.seq), body[3]]
                 job.seq += 1
-            elif name == b"start":
-                start = tts.Start.from_body(body)
-                if job.replied:
-                    raise ValueError("second start")
-                if start.format not in tts.SAMPLE_WIDTH:
-                    raise ValueError(f"unknown format {start.format!r}")
-                job.width = tts.SAMPLE_WIDTH[start.format]
-                job.rate = int(start.sample_rate)
-                job.engines.append(start.engine)
-                start.worker = {**start.worker, "id": worker.label}
-                body = start.body(job.rid)
-            elif name == b"end":
-                stats = tts.End.from_body(body).stats
-                stats.update(self._stats(job, now))
-                body = tts.End(stats).body(job.rid)
-            elif name == b"error":
-                tts.Error.from_body(body)
-            if cmd.final != (name in (b"end", b"error")):
-                raise ValueError(f"event {name!r} sent as {'FINAL' if cmd.final else 'PARTIAL'}")
-        except (ValueError, TypeError, KeyError) as exc:
+            else:
+                _, event = tts.decode_event(body)
+                if isinstance(event, tts.Start):
+                    if job.started:
+                        raise ValueError("second start")
+                    if event.format not in tts.SAMPLE_WIDTH:
+                        raise ValueError(f"unknown format {event.format!r}")
+                    job.width = tts.SAMPLE_WIDTH[event.format]
+                    job.rate = int(event.sample_rate)
+                    job.started = True
+                    job.engines.append(event.engine)
+                    event.worker = {**event.worker, "id": worker.label}
+                    body = event.body(job.rid)
+                elif isinstance(event, tts.End):
+                    event.stats.update(self._stats(job, now))
+                    body = event.body(job.rid)
+                elif isinstance(event, tts.Audio):
+                    raise ValueError("audio event must be 4 frames")
+                if cmd.final != isinstance(event, (tts.End, tts.Error)):
+                    raise ValueError(f"event {body[1]!r} sent as {'FINAL' if cmd.final else 'PARTIAL'}")
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:
             msg = f"worker {worker.label} sent a malformed reply: {exc}"
             log.error("job %s: %s", job.key.hex(), msg)
             worker.service.failures += 1
@@ -430,22 +440,16 @@ class BrokerCore:
         return out
 
     def _is_tts_service(self, name: str) -> bool:
+        """Engine services speak the TTS protocol, even before their first worker registers."""
         svc = self.services.get(name)
-        return svc is not None and svc.is_tts
-
-    def _admit(self, identity: bytes, service: bytes, rid: Optional[bytes], out: list[Action]) -> bool:
-        """Apply the bounds on what one client, and all of them, may have waiting."""
-        why = None
-        if self.inflight.get(identity, 0) >= self.s.max_inflight_per_client:
-            why = f"client has {self.s.max_inflight_per_client} requests in flight already"
-        elif len(self.waiting) >= self.s.max_queue:
-            why = f"broker queue is full ({self.s.max_queue} requests waiting)"
-        if why is None:
+        if svc is not None and svc.is_tts:
             return True
-        log.warning("refused request from client %s: %s", identity.hex(), why)
-        body = tts.error_body(rid, tts.OVERLOADED, why) if rid is not None else [b"error", json.dumps({"code": tts.OVERLOADED, "message": why}).encode()]
-        out.append(Action(False, identity, mdp.client_reply_frames(service, body, True)))
-        return False
+        return name.startswith(ENGINE_SERVICE_PREFIXES)
+
+    def _refuse(self, job: Job, why: str, out: list[Action]) -> None:
+        log.warning("refused request from client %s: %s", job.client.hex(), why)
+        self.counters["errors"] += 1
+        out.append(Action(False, job.client, mdp.client_reply_frames(job.service, self._error_body(job.rid, tts.OVERLOADED, why), True)))
 
     def _tts_request(self, identity: bytes, service_raw: bytes, service: str, body: list[bytes], now: float, out: list[Action]) -> None:
         rid = body[0]
@@ -470,34 +474,41 @@ class BrokerCore:
             else:
                 log.warning("dropped TTS request with invalid id from client %s", identity.hex())
             return
-        if not self._admit(identity, service_raw, rid, out):
-            return
         target = None if service == tts.SERVICE else service
         key = self._new_key()
         job = Job(key, identity, service_raw, [rid, request.to_json()], now + self.s.request_timeout_s, now, rid, request, target)
-        self.by_client[(identity, rid)] = job
-        log.debug("job %s: request %r from client %s", key.hex(), rid[:32], identity.hex())
-        self._enqueue(job, now, out)
+        if self._enqueue(job, out):
+            self.by_client[(identity, rid)] = job
+            log.debug("job %s: request %r from client %s", key.hex(), rid[:32], identity.hex())
 
     def _opaque_request(self, identity: bytes, service_raw: bytes, service: str, body: list[bytes], now: float, out: list[Action]) -> None:
-        if not self._admit(identity, service_raw, None, out):
-            return
-        job = Job(self._new_key(), identity, service_raw, body, now + self.s.request_timeout_s, now, target=service)
-        # RFC 18: the worker sees the client's own address and echoes it.
-        job.key = identity + b"\x00" + job.key
-        self._enqueue(job, now, out)
+        # The worker sees an address that starts with the client's own and echoes it.
+        key = identity + b"\x00" + self._new_key()
+        self._enqueue(Job(key, identity, service_raw, body, now + self.s.request_timeout_s, now, target=service), out)
 
     def _new_key(self) -> bytes:
         return self._key_prefix + next(self._keys).to_bytes(8, "big")
 
-    def _enqueue(self, job: Job, now: float, out: list[Action]) -> None:
-        self.jobs[job.key] = job
-        self.inflight[job.client] = self.inflight.get(job.client, 0) + 1
+    def _enqueue(self, job: Job, out: list[Action]) -> bool:
+        """Admit a new job: dispatch it now, or queue it within the bounds; False if refused."""
+        if self.inflight.get(job.client, 0) >= self.s.max_inflight_per_client:
+            self._refuse(job, f"client has {self.s.max_inflight_per_client} requests in flight already", out)
+            return False
         for svc in self._candidates(job):
             if svc.idle:
+                self._admitted(job)
                 self._assign(job, svc.idle.popleft(), out)
-                return
+                return True
+        if len(self.waiting) >= self.s.max_queue:
+            self._refuse(job, f"broker queue is full ({self.s.max_queue} requests waiting)", out)
+            return False
+        self._admitted(job)
         self.waiting.append(job)
+        return True
+
+    def _admitted(self, job: Job) -> None:
+        self.jobs[job.key] = job
+        self.inflight[job.client] = self.inflight.get(job.client, 0) + 1
 
     def _assign(self, job: Job, worker: Worker, out: list[Action]) -> None:
         job.worker = worker

@@ -204,10 +204,6 @@ def test_protocol_error_is_value_error() -> None:
     assert issubclass(mdp.ProtocolError, ValueError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: deeply nested READY capabilities JSON raises RecursionError from json.loads, not ProtocolError",
-)
 def test_ready_with_deeply_nested_capabilities_is_protocol_error() -> None:
     with pytest.raises(mdp.ProtocolError):
         mdp.decode_worker([b"MDPW02", b"\x01", b"svc", b"[" * 100_000])
