@@ -107,7 +107,14 @@ class BrokerServer:
             now = time.monotonic()
             if len(msg) < 2:
                 continue
-            self._apply(handle(msg[0], msg[1:], now), now)
+            try:
+                actions = handle(msg[0], msg[1:], now)
+            except Exception:
+                # The core is meant never to raise on input; if it does, lose
+                # this one message rather than the broker.
+                log.exception("internal error handling a message from %s; message dropped", msg[0].hex())
+                continue
+            self._apply(actions, now)
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -68,3 +68,45 @@ def test_default_serve_speaks_restarts_crashed_workers_and_cancels_vanished_clie
         except ProcessLookupError:
             continue
         raise AssertionError(f"worker pid {p} still running after shutdown")
+
+
+def test_standalone_broker_and_worker_processes(tmp_path: Path) -> None:
+    """``python -m broker`` and ``python -m engines.piper`` as separate processes, as on two hosts."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, free_port
+
+    fe, be = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    log = (tmp_path / "procs.log").open("wb")
+    broker = subprocess.Popen([sys.executable, "-m", "broker", "--frontend", fe, "--backend", be], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen([sys.executable, "-m", "engines.piper", "--backend", be, "--device", "cpu"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_services(fe, ["tts"])
+        c = RawClient(fe)
+        r = c.request(b"x", {"text": "Across the network.", "sample_rate": 48000})
+        c.wait(r)
+        r.check_invariants()
+        assert r.json_of(b"start")["sample_rate"] == 48000 and r.json_of(b"start")["worker"]["pid"] == worker.pid
+        c.close()
+    finally:
+        for p in (worker, broker):
+            p.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0 and broker.wait(30) == 0
+
+
+def test_worker_startup_errors_are_clear(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "engines.piper", "--voice", "xx_XX-nobody-low"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown Piper voice 'xx_XX-nobody-low'" in r.stderr
+    import onnxruntime
+    import pytest
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine can run CUDA: the no-GPU error cannot happen")
+    r = subprocess.run([sys.executable, "-m", "engines.piper", "--device", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "device 'cuda' requested" in r.stderr
