@@ -1,22 +1,28 @@
 # Two commands: `make demo` (the main job) and `make test`. Both build .venv first.
+# The demo needs only the Piper path; the tests also install the XTTS extra (torch, coqui-tts).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet -c constraints.txt
 
 .PHONY: setup demo test clean
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.base: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PIP) -e .
 	touch $@
 
-setup: $(VENV)/.installed
+$(VENV)/.full: $(VENV)/.base
+	$(PIP) -e '.[test,xtts]'
+	touch $@
 
-demo: setup
+setup: $(VENV)/.full
+
+demo: $(VENV)/.base
 	$(VENV)/bin/tts-broker demo
 
-test: setup
+test: $(VENV)/.full
 	$(PY) -m pytest
 
 clean:

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.registry import DEFAULT_PIPER_VOICE
 
@@ -44,12 +44,35 @@ class BrokerConfig(_Strict):
 
 
 class WorkerConfig(_Strict):
-    engine: Literal["piper"] = "piper"
+    engine: Literal["piper", "xtts"] = "piper"
     voice: str = DEFAULT_PIPER_VOICE
-    """Bundled voice name, voice-directory name, or path to a ``.onnx``."""
+    """Piper: bundled voice name, voice-directory name, or path to a ``.onnx``."""
+    model_dir: Optional[str] = None
+    """XTTS: local checkpoint directory (model.pth, config.json, vocab.json[, speakers_xtts.pth])."""
+    speakers: dict[str, str] = Field(default_factory=dict)
+    """XTTS: cloned speakers, name → reference WAV."""
+    default_speaker: Optional[str] = None
+    """XTTS: speaker used when a request names none (default: the first)."""
+    stream_chunk_size: int = Field(default=20, ge=1, le=400)
+    """XTTS: GPT tokens per streamed chunk (smaller: sooner first audio, more overhead)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     count: int = Field(default=1, ge=0, le=64)
-    """Worker processes to run for this voice."""
+    """Worker processes to run for this entry."""
+
+    @model_validator(mode="after")
+    def _engine_keys(self) -> "WorkerConfig":
+        if self.engine == "xtts" and not self.model_dir:
+            raise ValueError("an xtts worker needs model_dir")
+        if self.engine == "piper" and (self.model_dir or self.speakers or self.default_speaker):
+            raise ValueError("model_dir, speakers and default_speaker are for xtts workers")
+        return self
+
+    @property
+    def voice_names(self) -> list[str]:
+        """Voices this entry will serve, known before its workers register."""
+        if self.engine == "xtts":
+            return list(self.speakers) + ([self.default_speaker] if self.default_speaker else [])
+        return [Path(self.voice).name.removesuffix(".onnx")]
 
 
 class Config(_Strict):
@@ -58,6 +81,21 @@ class Config(_Strict):
     voice_dirs: list[str] = Field(default_factory=list)
     """Extra directories searched for ``NAME.onnx`` voices."""
     log_level: str = "INFO"
+    use_xtts_fallback: bool = False
+    """The original plan's keys: add an XTTS worker on ``xtts_model_path``…"""
+    xtts_model_path: Optional[str] = None
+    xtts_use_gpu: bool = False
+    """…on CUDA when true, else on the CPU."""
+
+    @model_validator(mode="after")
+    def _legacy_xtts(self) -> "Config":
+        if self.use_xtts_fallback:
+            if not self.xtts_model_path:
+                raise ValueError("use_xtts_fallback needs xtts_model_path (no model is ever downloaded)")
+            if not any(w.engine == "xtts" for w in self.workers):
+                device = "cuda" if self.xtts_use_gpu else "cpu"
+                self.workers.append(WorkerConfig(engine="xtts", model_dir=self.xtts_model_path, device=device))
+        return self
 
     def core_settings(self) -> CoreSettings:
         b = self.broker
@@ -69,7 +107,7 @@ class Config(_Strict):
             max_queue=b.max_queue,
             max_inflight_per_client=b.max_inflight_per_client,
             default_language=b.default_language,
-            known_voices=frozenset(Path(w.voice).name.removesuffix(".onnx") for w in self.workers if w.count > 0),
+            known_voices=frozenset(v for w in self.workers if w.count > 0 for v in w.voice_names),
         )
 
 

@@ -43,18 +43,26 @@ def worker_argv(cfg: Config, w: WorkerConfig) -> list[str]:
         "--heartbeat-ms", str(b.heartbeat_ms),
         "--liveness", str(b.liveness),
         "--log-level", cfg.log_level,
-        "--voice", w.voice,
         "--device", w.device,
     ]
-    for d in cfg.voice_dirs:
-        argv += ["--voice-dir", d]
+    if w.engine == "xtts":
+        assert w.model_dir is not None
+        argv += ["--model-dir", w.model_dir, "--stream-chunk-size", str(w.stream_chunk_size)]
+        for name, wav in w.speakers.items():
+            argv += ["--speaker", f"{name}={wav}"]
+        if w.default_speaker:
+            argv += ["--default-speaker", w.default_speaker]
+    else:
+        argv += ["--voice", w.voice]
+        for d in cfg.voice_dirs:
+            argv += ["--voice-dir", d]
     return argv
 
 
 class Supervisor:
     def __init__(self, cfg: Config) -> None:
         self.slots = [
-            _Slot(f"{w.engine}:{w.voice}#{i}", worker_argv(cfg, w))
+            _Slot(f"{w.engine}:{w.model_dir if w.engine == 'xtts' else w.voice}#{i}", worker_argv(cfg, w))
             for w in cfg.workers
             for i in range(w.count)
         ]
