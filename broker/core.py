@@ -519,10 +519,15 @@ class BrokerCore:
         out.append(Action(True, worker.identity, mdp.WorkerRequest(job.key, body).frames()))
 
     def _request_for(self, job: Job, svc: Service) -> bytes:
-        """The request as the chosen engine should read it: its own language code."""
+        """The request as the chosen engine should read it: its own language code.
+
+        Through the ``tts`` front door a language the engine does not speak
+        becomes the default language (the routing rule); a request addressed
+        to an engine service keeps its language, and the engine refuses it.
+        """
         assert job.request is not None and svc.caps is not None
         lang = tts.normalize_language(job.request.language)
-        if lang not in svc.caps.get("languages", ()):
+        if job.target is None and lang not in svc.caps.get("languages", ()):
             lang = self.s.default_language
         return job.request.model_copy(update={"language": lang}).to_json()
 

@@ -107,7 +107,7 @@ class XttsEngine(Engine):
         log.info("loading XTTS v2 from %s …", self.model_dir)
         config = XttsConfig()
         config.load_json(str(self.model_dir / "config.json"))
-        model = Xtts.init_from_config(config)
+        model = Xtts(config)
         model.load_checkpoint(config, checkpoint_dir=str(self.model_dir), eval=True, use_deepspeed=False)
         self.model = model.to(self.device)
         self.config = config

@@ -708,8 +708,8 @@ def test_engine_service_addressed_directly() -> None:
     rig.worker(W2, SVC_EN_AMY, CAPS_EN_AMY, now=0.1)
     out = rig.request(C1, b"a", service=SVC_EN_AMY, language="pt-BR")
     [req] = requests_to(out, W2)
-    # The engine gets a language it knows.
-    assert json.loads(req.body[1])["language"] == "en"
+    # Addressed directly, the engine gets the language asked for (and refuses what it cannot speak).
+    assert json.loads(req.body[1])["language"] == "pt"
     out = rig.core.on_worker(W2, start(req.address, b"a"), 0.2)
     [r] = to_client(out, C1)
     assert r.service == SVC_EN_AMY and not r.final
