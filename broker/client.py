@@ -124,7 +124,13 @@ class TtsClient:
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # A dropped connection means the broker died or restarted: it has
+        # forgotten our streams, so they fail now instead of at the timeout.
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._streams: dict[bytes, Stream] = {}
         self._replies: collections.deque[mdp.ClientReply] = collections.deque()
         self._ids = itertools.count()
@@ -137,6 +143,8 @@ class TtsClient:
         self.close()
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self._monitor.close(linger=0)
         self.sock.close(linger=0)
 
     def speak(self, text: str, *, service: str = tts.SERVICE, **options: Any) -> Stream:
@@ -154,12 +162,24 @@ class TtsClient:
     def _recv(self, timeout: float) -> Optional[mdp.ClientReply]:
         """Next valid reply within ``timeout`` seconds (malformed ones are skipped), else None."""
         deadline = time.monotonic() + timeout
-        while self.sock.poll(max(0.0, deadline - time.monotonic()) * 1000):
+        while True:
+            ready = dict(self._poller.poll(max(0.0, deadline - time.monotonic()) * 1000))
+            if not ready:
+                return None
+            if self._monitor in ready:
+                self._monitor.recv_multipart()
+                self._connection_lost()
+                return None
             try:
                 return mdp.decode_client_reply(self.sock.recv_multipart())
             except mdp.ProtocolError:
                 continue
-        return None
+
+    def _connection_lost(self) -> None:
+        for stream in self._streams.values():
+            stream._accept(Error(tts.UNAVAILABLE, f"lost the connection to the broker at {self.endpoint}"))
+            stream.done = True
+        self._streams.clear()
 
     def _dispatch(self, reply: mdp.ClientReply) -> None:
         """Hand one reply to its stream, or keep it for :meth:`_call`."""
@@ -186,6 +206,8 @@ class TtsClient:
         while not stream.events and not stream.done:
             reply = self._recv(max(0.0, deadline - time.monotonic()))
             if reply is None:
+                if stream.done:  # the connection was lost
+                    return
                 self.cancel(stream)
                 stream.done = True
                 self._streams.pop(stream.rid, None)
@@ -267,11 +289,21 @@ class AsyncTtsClient:
         self.ctx = zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
         self._streams: dict[bytes, AsyncStream] = {}
         self._ids = itertools.count()
         self._prefix = _new_prefix()
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read()), loop.create_task(self._watch())]
+
+    async def _watch(self) -> None:
+        """Fail every stream in flight when the connection to the broker drops."""
+        while True:
+            await self._monitor.recv_multipart()
+            for stream in self._streams.values():
+                stream.queue.put_nowait((Error(tts.UNAVAILABLE, "lost the connection to the broker"), True))
+            self._streams.clear()
 
     async def _read(self) -> None:
         while True:
@@ -301,9 +333,9 @@ class AsyncTtsClient:
             await self.sock.send_multipart(mdp.ClientRequest(tts.CANCEL_SERVICE, [stream.rid]).frames())
 
     async def close(self) -> None:
-        self._reader.cancel()
-        try:
-            await self._reader
-        except asyncio.CancelledError:
-            pass
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.sock.disable_monitor()
+        self._monitor.close(linger=0)
         self.sock.close(linger=0)

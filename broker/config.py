@@ -11,11 +11,13 @@ import tomllib
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.registry import DEFAULT_PIPER_VOICE
 
 from .core import CoreSettings
+from .routing import Step, parse_step
+from .tts import normalize_language
 
 
 class ConfigError(ValueError):
@@ -41,6 +43,26 @@ class BrokerConfig(_Strict):
     client_hwm: int = Field(default=10_000, ge=10)
     """Messages queued toward one client before it counts as stalled and its streams are cancelled."""
     default_language: str = "en"
+    stuck_timeout_ms: int = Field(default=10_000, ge=100)
+    """A busy worker that sends nothing back for this long is failed over."""
+
+
+class RoutingConfig(_Strict):
+    chains: dict[str, list[str]] = Field(default_factory=dict)
+    """Fallback chain per language: ``{ en = ["piper:en_US-joe-medium", "xtts"] }``."""
+
+    @field_validator("chains")
+    @classmethod
+    def _steps(cls, chains: dict[str, list[str]]) -> dict[str, list[str]]:
+        for lang, steps in chains.items():
+            if not steps:
+                raise ValueError(f"chain for {lang!r} is empty")
+            for spec in steps:
+                parse_step(spec)  # raises ValueError with the bad step named
+        return chains
+
+    def parsed(self) -> dict[str, tuple[Step, ...]]:
+        return {normalize_language(lang): tuple(parse_step(x) for x in steps) for lang, steps in self.chains.items()}
 
 
 class WorkerConfig(_Strict):
@@ -77,6 +99,7 @@ class WorkerConfig(_Strict):
 
 class Config(_Strict):
     broker: BrokerConfig = BrokerConfig()
+    routing: RoutingConfig = RoutingConfig()
     workers: list[WorkerConfig] = Field(default_factory=lambda: [WorkerConfig()])
     voice_dirs: list[str] = Field(default_factory=list)
     """Extra directories searched for ``NAME.onnx`` voices."""
@@ -108,6 +131,8 @@ class Config(_Strict):
             max_inflight_per_client=b.max_inflight_per_client,
             default_language=b.default_language,
             known_voices=frozenset(v for w in self.workers if w.count > 0 for v in w.voice_names),
+            chains=self.routing.parsed(),
+            stuck_timeout_s=b.stuck_timeout_ms / 1000,
         )
 
 

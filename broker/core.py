@@ -24,18 +24,29 @@ Rules:
   arrives, so a worker is never handed new work while it may still be
   speaking the old one. Its PARTIALs are dropped.
 * A worker is alive while any command from it arrived within
-  ``heartbeat * liveness``. A dead or disconnected worker's job goes back to
-  the front of the queue if nothing of it reached the client yet; otherwise it
-  ends with ``error`` (mid-stream resumption belongs to the fallback layer).
+  ``heartbeat * liveness``; a busy one is *stuck* when no reply came for
+  ``stuck_timeout``. A dead, disconnected, stuck, erring or garbling worker
+  *fails* its job (:meth:`_failover`): the worker is out of rotation (it must
+  re-register), and the job goes back to the front of the queue, excluded
+  from the workers that already failed it, to be served by the next live
+  worker of its chain (``broker/routing.py``).
+* TTS failover is invisible before audio: the broker holds ``start`` until the
+  first audio chunk, so a job that fails before it simply starts elsewhere.
+  After audio, the job resumes at the first sentence not fully delivered: the
+  worker marks each finished sentence with its end offset in the text, and the
+  next worker gets the rest of the text, in the format and rate already
+  announced, while the client gets a ``failover`` event and gapless sequence
+  numbers.
 * TTS jobs (service ``tts`` or an engine service) speak the event protocol of
   ``broker/tts.py``: the broker owns their sequence numbers and adds its own
-  statistics. Jobs for any other service are relayed opaquely, per RFC 18.
+  statistics. Jobs for any other service are relayed opaquely, per RFC 18: re-
+  queued if their worker fails before replying, ended with an error after.
 
 Transitions of a job::
 
     new ──► waiting ──► running ──► (FINAL from worker) ──► done
               │  ▲         │ │
-              │  └─────────┘ └──(cancel / client gone)──► cancelling ──► done
+              │  └(failover)┘ └──(cancel / client gone)──► cancelling ──► done
               └──(expired / cancelled)──► done
 """
 
@@ -48,9 +59,10 @@ import os
 import struct
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 from . import mdp, tts
+from .routing import Step, chain_for, route_language
 
 log = logging.getLogger("broker")
 
@@ -82,6 +94,10 @@ class CoreSettings:
     default_language: str = "en"
     known_voices: frozenset[str] = frozenset()
     """Voices that configured workers will serve, known before they register."""
+    chains: Mapping[str, tuple[Step, ...]] = field(default_factory=dict)
+    """Fallback chain per language (primary subtag); see ``broker/routing.py``."""
+    stuck_timeout_s: float = 10.0
+    """A busy worker that sends nothing back for this long is failed over, in seconds."""
 
 
 @dataclass(eq=False)
@@ -110,8 +126,28 @@ class Job:
     samples: int = 0
     width: int = 2
     rate: int = 0
+    format: str = "s16le"
     first_audio: Optional[float] = None
     engines: list[str] = field(default_factory=list)
+    held_start: Optional[tts.Start] = None
+    """The current worker's ``start``, held until its first audio (invisible failover before audio)."""
+    base: int = 0
+    """Offset in the request text where the current worker's text begins (characters)."""
+    delivered: int = 0
+    """Offset in the request text up to which whole sentences reached the client (characters)."""
+    segments: int = 0
+    failed: set[bytes] = field(default_factory=set)
+    """Workers that failed this job; never given it again."""
+    failovers: int = 0
+    failover_reason: Optional[str] = None
+    """Set while a failed-over job waits for its next worker's ``start``."""
+    last_error: Optional[tuple[str, str]] = None
+    progress: float = 0.0
+    """When the current worker last replied (or got the job)."""
+    step_voice: Optional[str] = None
+    """Voice the current chain step asks for (an XTTS speaker), if any."""
+    dispatch_started: bool = False
+    """The current worker has sent its ``start``."""
 
 
 @dataclass(eq=False)
@@ -147,11 +183,6 @@ class Service:
         return self.caps is not None
 
 
-def _sort_key(svc: Service) -> tuple[int, str]:
-    engine = svc.caps.get("engine") if svc.caps else None
-    return (0 if engine == "piper" else 1, svc.name)
-
-
 class BrokerCore:
     """Routing state; see the module docstring for the rules."""
 
@@ -167,7 +198,9 @@ class BrokerCore:
         self.inflight: dict[bytes, int] = {}
         self._keys = itertools.count(1)
         self._key_prefix = os.urandom(4)
-        self.counters = {"requests": 0, "completed": 0, "errors": 0, "cancelled": 0, "expired": 0}
+        self.now = 0.0
+        """Time of the event being handled (every entry point sets it)."""
+        self.counters = {"requests": 0, "completed": 0, "errors": 0, "cancelled": 0, "expired": 0, "failovers": 0}
 
     # ------------------------------------------------------------------ time
 
@@ -177,11 +210,14 @@ class BrokerCore:
 
     def tick(self, now: float) -> list[Action]:
         """Heartbeat workers, bury the dead ones, expire waiting requests."""
+        self.now = now
         out: list[Action] = []
         for w in list(self.workers.values()):
             if w.expires <= now:
                 log.warning("worker %s (%s) expired: no heartbeat for %.2fs", w.label, w.service.name, self.expiry)
                 self._remove_worker(w, "heartbeat lost", now, out)
+            elif w.job is not None and w.job.rid is not None and now - w.job.progress > self.s.stuck_timeout_s:
+                self._reject(w, f"nothing for {self.s.stuck_timeout_s:g}s while busy (stuck)", now, out)
             elif w.heartbeat_due <= now:
                 w.heartbeat_due = now + self.s.heartbeat_s
                 out.append(Action(True, w.identity, mdp.HEARTBEAT_FRAMES))
@@ -208,6 +244,7 @@ class BrokerCore:
     # --------------------------------------------------------------- workers
 
     def on_worker(self, identity: bytes, frames: list[bytes], now: float) -> list[Action]:
+        self.now = now
         out: list[Action] = []
         worker = self.workers.get(identity)
         try:
@@ -285,28 +322,60 @@ class BrokerCore:
         except ValueError:
             pass
         job, worker.job = worker.job, None
-        if job is None:
-            return
-        svc.failures += 1
-        svc.last_failure = why
+        if job is not None:
+            self._failover(job, worker, why, now, out)
+        self._dispatch_waiting(out)
+
+    def _failover(self, job: Job, worker: Worker, why: str, now: float, out: list[Action], error: Optional[tuple[str, str]] = None) -> None:
+        """``worker`` failed ``job``: put the job back for the next worker of its chain, or end it."""
+        svc = worker.service
+        if error is None or error[0] != tts.BAD_REQUEST:  # a refusal is not the worker's failure
+            svc.failures += 1
+            svc.last_failure = why
         job.worker = None
+        job.failed.add(worker.identity)
         if job.cancelled:
             self._finish(job, out, None)
-        elif not job.replied:
-            log.warning("job %s: worker %s lost (%s) before any reply; re-queued", job.key.hex(), worker.label, why)
-            self.waiting.appendleft(job)
-            self._dispatch_waiting(now, out)
-        else:
-            msg = f"worker {worker.label} failed mid-stream: {why}"
-            log.error("job %s: %s", job.key.hex(), msg)
-            self._finish(job, out, self._error_body(job.rid, tts.INTERNAL, msg))
+            return
+        if job.rid is None:  # opaque: safe to resend only if nothing was relayed
+            if job.replied:
+                log.error("job %s: worker %s failed mid-reply: %s", job.key.hex(), worker.label, why)
+                self._finish(job, out, self._error_body(None, tts.INTERNAL, f"worker failed mid-reply: {why}"))
+            else:
+                log.warning("job %s: worker %s lost (%s) before replying; re-queued", job.key.hex(), worker.label, why)
+                self.waiting.appendleft(job)
+            return
+        if error is not None:
+            job.last_error = error
+            if not self._routable(job):
+                # The engine refused and no other worker could try: its answer stands.
+                self._finish(job, out, tts.error_body(job.rid, *error))
+                return
+        job.held_start = None
+        if job.started:
+            job.base = job.delivered
+            if not any(c.isalnum() for c in job.request.text[job.base :]):  # type: ignore[union-attr]
+                self._finish(job, out, tts.End(self._stats(job, now)).body(job.rid))
+                return
+        job.failovers += 1
+        job.failover_reason = why
+        job.deadline = now + self.s.request_timeout_s
+        self.counters["failovers"] += 1
+        log.warning(
+            "job %s: failover from worker %s (%s): %s at character %d",
+            job.key.hex(), worker.label, svc.name, why, job.base,
+        )
+        self.waiting.appendleft(job)
 
     def _worker_idle(self, worker: Worker, out: list[Action]) -> None:
         """A worker is free: give it the oldest waiting job it can serve, else park it."""
         for job in self.waiting:
-            if self._can_serve(worker.service, job):
+            if worker.identity in job.failed:
+                continue
+            step = next((st for st in self._chain(job) if st.service == worker.service.name), None)
+            if step is not None:
                 self.waiting.remove(job)
-                self._assign(job, worker, out)
+                self._assign(job, worker, step, out)
                 return
         worker.service.idle.append(worker)
 
@@ -324,61 +393,110 @@ class BrokerCore:
             if cmd.final:
                 self._job_done(worker, job, out, None)
             return
+        job.progress = now
         body = cmd.body
+        send: list[list[bytes]] = []
         try:
             if body[:1] != [job.rid]:
                 raise ValueError("reply does not carry the job's request id")
             if body[1:2] == [b"audio"] and len(body) == 4:
                 # The hot path: checked without decoding the event.
-                if not job.started:
+                if not job.dispatch_started:
                     raise ValueError("audio before start")
                 if len(body[3]) % job.width:
                     raise ValueError("audio chunk of partial samples")
-                if job.first_audio is None:
-                    job.first_audio = now
+                send += self._release_start(job, now)
                 job.samples += len(body[3]) // job.width
-                body = [job.rid, b"audio", struct.pack(">I", job.seq), body[3]]
+                send.append([job.rid, b"audio", struct.pack(">I", job.seq), body[3]])
                 job.seq += 1
             else:
                 _, event = tts.decode_event(body)
-                if isinstance(event, tts.Start):
-                    if job.started:
-                        raise ValueError("second start")
-                    if event.format not in tts.SAMPLE_WIDTH:
-                        raise ValueError(f"unknown format {event.format!r}")
-                    job.width = tts.SAMPLE_WIDTH[event.format]
-                    job.rate = int(event.sample_rate)
-                    job.started = True
-                    job.engines.append(event.engine)
-                    event.worker = {**event.worker, "id": worker.label}
-                    body = event.body(job.rid)
-                elif isinstance(event, tts.End):
-                    event.stats.update(self._stats(job, now))
-                    body = event.body(job.rid)
-                elif isinstance(event, tts.Audio):
-                    raise ValueError("audio event must be 4 frames")
                 if cmd.final != isinstance(event, (tts.End, tts.Error)):
                     raise ValueError(f"event {body[1]!r} sent as {'FINAL' if cmd.final else 'PARTIAL'}")
+                if isinstance(event, tts.Start):
+                    send += self._on_start(job, worker, event)
+                elif isinstance(event, tts.Error):
+                    if event.code != tts.CANCELLED:
+                        # The engine could not do it: let the next worker try.
+                        log.warning("job %s: worker %s answered %s: %s", job.key.hex(), worker.label, event.code, event.message)
+                        worker.job = None
+                        self._failover(job, worker, f"engine error {event.code}: {event.message}", now, out, (event.code, event.message))
+                        self._worker_idle(worker, out)
+                        self._dispatch_waiting(out)
+                        return
+                elif isinstance(event, tts.Audio):
+                    raise ValueError("audio event must be 4 frames")
+                else:
+                    if not job.dispatch_started:
+                        raise ValueError(f"{body[1]!r} before start")
+                    send += self._release_start(job, now)
+                    if isinstance(event, tts.End):
+                        event.stats.update(self._stats(job, now))
+                        body = event.body(job.rid)
+                    elif isinstance(event, tts.Other) and event.event == "mark":
+                        body = self._on_mark(job, event)
+                    send.append(body)
         except (ValueError, TypeError, KeyError, OverflowError) as exc:
-            msg = f"worker {worker.label} sent a malformed reply: {exc}"
-            log.error("job %s: %s", job.key.hex(), msg)
-            worker.service.failures += 1
-            worker.service.last_failure = msg
-            # The worker's view of the job no longer matches ours: end the
-            # client's stream and drop the worker, which must re-register.
-            worker.job = None
-            self._finish(job, out, tts.error_body(job.rid, tts.INTERNAL, msg))
-            self._remove_worker(worker, msg, now, out)
-            out.append(Action(True, worker.identity, mdp.DISCONNECT_FRAMES))
+            msg = f"sent a malformed reply: {exc}"
+            log.error("job %s: worker %s %s", job.key.hex(), worker.label, msg)
+            self._reject(worker, msg, now, out)
             return
         job.replied = True
+        for frames in send[:-1]:
+            out.append(Action(False, job.client, mdp.client_reply_frames(job.service, frames, False)))
         if cmd.final:
             worker.job = None
             worker.served += 1
-            self._finish(job, out, body)
+            self._finish(job, out, send[-1])
             self._worker_idle(worker, out)
-        else:
-            out.append(Action(False, job.client, mdp.client_reply_frames(job.service, body, False)))
+        elif send:
+            out.append(Action(False, job.client, mdp.client_reply_frames(job.service, send[-1], False)))
+
+    def _on_start(self, job: Job, worker: Worker, start: tts.Start) -> list[list[bytes]]:
+        """Hold a first ``start`` until audio; turn a later one into a ``failover`` event."""
+        if job.dispatch_started:
+            raise ValueError("second start")
+        job.dispatch_started = True
+        if start.format not in tts.SAMPLE_WIDTH:
+            raise ValueError(f"unknown format {start.format!r}")
+        rate = int(start.sample_rate)
+        start.worker = {**start.worker, "id": worker.label}
+        job.engines.append(start.engine)
+        if not job.started:
+            job.width, job.rate, job.format = tts.SAMPLE_WIDTH[start.format], rate, start.format
+            job.held_start = start
+            return []
+        if (start.format, rate) != (job.format, job.rate):
+            raise ValueError(f"resumed as {start.format}@{rate}, not the announced {job.format}@{job.rate}")
+        event = {
+            "engine": start.engine,
+            "voice": start.voice,
+            "worker": start.worker,
+            "reason": job.failover_reason,
+            "resume_at": job.base,
+        }
+        job.failover_reason = None
+        return [[job.rid, b"failover", json.dumps(event, separators=(",", ":")).encode()]]
+
+    def _release_start(self, job: Job, now: float) -> list[list[bytes]]:
+        if job.held_start is None:
+            return []
+        start, job.held_start = job.held_start, None
+        job.started = True
+        job.first_audio = now
+        return [start.body(job.rid)]
+
+    def _on_mark(self, job: Job, event: tts.Other) -> list[bytes]:
+        """A worker finished a sentence: remember where, in the client's text, the next one starts."""
+        mark = tts.json_object(event.frames[0], "mark") if len(event.frames) == 1 else None
+        if mark is None or not isinstance(mark.get("end"), int):
+            raise ValueError("mark event needs one JSON frame with an integer end")
+        end = job.base + mark["end"]
+        if not job.delivered <= end <= len(job.request.text):  # type: ignore[union-attr]
+            raise ValueError(f"mark end {mark['end']} outside the text")
+        job.delivered = end
+        job.segments += 1
+        return [job.rid, b"mark", json.dumps({"segment": job.segments - 1, "end": end}).encode()]
 
     def _stats(self, job: Job, now: float) -> dict[str, Any]:
         return {
@@ -388,6 +506,8 @@ class BrokerCore:
             "ttfa_ms": round((job.first_audio - job.created) * 1000, 2) if job.first_audio is not None else None,
             "total_ms": round((now - job.created) * 1000, 2),
             "engines": job.engines,
+            "segments": job.segments,
+            "failovers": job.failovers,
         }
 
     def _job_done(self, worker: Worker, job: Job, out: list[Action], final: Optional[list[bytes]]) -> None:
@@ -417,6 +537,7 @@ class BrokerCore:
     # --------------------------------------------------------------- clients
 
     def on_client(self, identity: bytes, frames: list[bytes], now: float) -> list[Action]:
+        self.now = now
         out: list[Action] = []
         try:
             req = mdp.decode_client(frames)
@@ -494,51 +615,89 @@ class BrokerCore:
         if self.inflight.get(job.client, 0) >= self.s.max_inflight_per_client:
             self._refuse(job, f"client has {self.s.max_inflight_per_client} requests in flight already", out)
             return False
-        for svc in self._candidates(job):
-            if svc.idle:
-                self._admitted(job)
-                self._assign(job, svc.idle.popleft(), out)
-                return True
-        if len(self.waiting) >= self.s.max_queue:
+        found = self._idle_worker_for(job)
+        if found is None and len(self.waiting) >= self.s.max_queue:
             self._refuse(job, f"broker queue is full ({self.s.max_queue} requests waiting)", out)
             return False
-        self._admitted(job)
-        self.waiting.append(job)
-        return True
-
-    def _admitted(self, job: Job) -> None:
         self.jobs[job.key] = job
         self.inflight[job.client] = self.inflight.get(job.client, 0) + 1
+        if found is None:
+            self.waiting.append(job)
+        else:
+            self._assign(job, *found, out)
+        return True
 
-    def _assign(self, job: Job, worker: Worker, out: list[Action]) -> None:
+    def _idle_worker_for(self, job: Job) -> Optional[tuple[Worker, Step]]:
+        """The least recently used idle worker of the first chain step that has one."""
+        for step in self._chain(job):
+            svc = self.services.get(step.service)
+            if svc is None:
+                continue
+            for worker in svc.idle:
+                if worker.identity not in job.failed:
+                    svc.idle.remove(worker)
+                    return worker, step
+        return None
+
+    def _dispatch_waiting(self, out: list[Action]) -> None:
+        for job in list(self.waiting):
+            found = self._idle_worker_for(job)
+            if found is not None:
+                self.waiting.remove(job)
+                self._assign(job, *found, out)
+
+    def _assign(self, job: Job, worker: Worker, step: Step, out: list[Action]) -> None:
         job.worker = worker
+        job.progress = self.now
+        job.dispatch_started = False
         worker.job = job
         body = job.body
-        if job.rid is not None and worker.service.caps is not None:
-            body = [job.rid, self._request_for(job, worker.service)]
+        if job.rid is not None:
+            body = [job.rid, self._request_for(job, worker.service, step)]
         out.append(Action(True, worker.identity, mdp.WorkerRequest(job.key, body).frames()))
 
-    def _request_for(self, job: Job, svc: Service) -> bytes:
-        """The request as the chosen engine should read it: its own language code.
+    def _request_for(self, job: Job, svc: Service, step: Step) -> bytes:
+        """The request as this worker should read it.
 
-        Through the ``tts`` front door a language the engine does not speak
-        becomes the default language (the routing rule); a request addressed
-        to an engine service keeps its language, and the engine refuses it.
+        Its own language code (through the ``tts`` front door a language the
+        engine does not speak becomes the routed language; a request addressed
+        to an engine service keeps its own, and the engine refuses it); the
+        step's voice; and, when resuming, the rest of the text in the format
+        and rate the client was promised.
         """
-        assert job.request is not None and svc.caps is not None
-        lang = tts.normalize_language(job.request.language)
-        if job.target is None and lang not in svc.caps.get("languages", ()):
-            lang = self.s.default_language
-        return job.request.model_copy(update={"language": lang}).to_json()
+        req = job.request
+        assert req is not None
+        update: dict[str, Any] = {}
+        lang = tts.normalize_language(req.language)
+        if job.target is None and svc.caps is not None and lang not in svc.caps.get("languages", ()):
+            lang = route_language(req.language, self.services.values(), self.s.chains, self.s.default_language)
+        update["language"] = lang
+        if step.voice is not None:
+            update["voice"] = step.voice
+        elif req.voice is not None and svc.caps is not None and req.voice not in svc.caps.get("voices", ()):
+            update["voice"] = None
+        if job.started:
+            update.update(text=req.text[job.base :], format=job.format, sample_rate=job.rate)
+        return req.model_copy(update=update).to_json()
 
     # --------------------------------------------------------------- routing
 
-    def _tts_services(self) -> list[Service]:
-        return sorted((s for s in self.services.values() if s.is_tts), key=_sort_key)
+    def _chain(self, job: Job) -> list[Step]:
+        if job.request is None:  # opaque
+            return [Step(job.target)] if job.target is not None else []
+        return chain_for(job.request, job.target, self.services, self.s.chains, self.s.default_language)
+
+    def _routable(self, job: Job) -> bool:
+        """Some live worker that has not failed this job could serve it."""
+        for step in self._chain(job):
+            svc = self.services.get(step.service)
+            if svc is not None and any(w not in job.failed for w in svc.workers):
+                return True
+        return False
 
     def _check_route(self, request: tts.SynthesisRequest, service: str) -> None:
         """Refuse at once what no engine could ever serve; the rest may wait for a worker."""
-        known = self._tts_services()
+        known = [s for s in self.services.values() if s.is_tts]
         if service != tts.SERVICE or not known:
             return
         if request.engine is not None and not any(s.caps.get("engine") == request.engine for s in known):  # type: ignore[union-attr]
@@ -548,49 +707,13 @@ class BrokerCore:
             if request.voice not in voices:
                 raise tts.RequestError(tts.BAD_REQUEST, f"unknown voice {request.voice!r}; known voices: {', '.join(voices)}")
 
-    def _language_served(self, lang: str) -> bool:
-        return any(lang in s.caps.get("languages", ()) for s in self._tts_services())  # type: ignore[union-attr]
-
-    def _can_serve(self, svc: Service, job: Job) -> bool:
-        if job.target is not None:
-            return svc.name == job.target
-        if svc.caps is None or job.request is None:
-            return False
-        req = job.request
-        caps = svc.caps
-        if req.engine is not None and caps.get("engine") != req.engine:
-            return False
-        if req.voice is not None and req.voice not in caps.get("voices", ()):
-            return False
-        lang = tts.normalize_language(req.language)
-        if not self._language_served(lang):
-            lang = self.s.default_language
-        return lang in caps.get("languages", ())
-
-    def _candidates(self, job: Job) -> list[Service]:
-        if job.target is not None:
-            svc = self.services.get(job.target)
-            return [svc] if svc is not None else []
-        return [s for s in self._tts_services() if self._can_serve(s, job)]
-
-    def _routable(self, job: Job) -> bool:
-        return any(s.workers for s in self._candidates(job))
-
-    def _dispatch_waiting(self, now: float, out: list[Action]) -> None:
-        for job in list(self.waiting):
-            for svc in self._candidates(job):
-                if svc.idle:
-                    self.waiting.remove(job)
-                    self._assign(job, svc.idle.popleft(), out)
-                    break
-
     def _mmi_service(self, name: bytes) -> bool:
         try:
             service = name.decode("ascii")
         except UnicodeDecodeError:
             return False
         if service == tts.SERVICE:
-            return any(s.workers for s in self._tts_services())
+            return any(s.workers for s in self.services.values() if s.is_tts)
         if service in (tts.CANCEL_SERVICE, tts.STATUS_SERVICE, MMI_SERVICE):
             return True
         svc = self.services.get(service)
@@ -624,6 +747,7 @@ class BrokerCore:
 
     def on_send_failed(self, to_worker: bool, peer: bytes, now: float) -> list[Action]:
         """The server could not deliver to ``peer`` (gone, or at its high-water mark)."""
+        self.now = now
         out: list[Action] = []
         if to_worker:
             worker = self.workers.get(peer)
@@ -659,6 +783,7 @@ class BrokerCore:
                     for w in svc.workers.values()
                 ],
                 "idle": len(svc.idle),
+                "inflight": sum(1 for w in svc.workers.values() if w.job is not None),
                 "failures": svc.failures,
                 "last_failure": svc.last_failure,
             }

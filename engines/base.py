@@ -7,7 +7,7 @@ rate conversion — is the runtime's job (``engines/runtime.py``), written once.
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -40,12 +40,17 @@ class Engine(abc.ABC):
         """Name of the voice that will speak ``request`` (reported in ``start``)."""
 
     @abc.abstractmethod
-    def synthesize(self, request: SynthesisRequest) -> Iterator[Iterable[np.ndarray]]:
-        """Yield one iterable per sentence, each of float32 mono arrays at :attr:`native_rate`.
+    def speak(self, text: str, request: SynthesisRequest) -> Iterable[np.ndarray]:
+        """Speak one sentence: float32 mono arrays at :attr:`native_rate`, as soon as each exists.
 
-        The runtime pulls lazily and checks for cancellation between arrays, so
-        a generator that does its work on demand is cancelled between pieces.
+        The runtime has already split the text (``engines/text.py``) and pulls
+        lazily, checking for cancellation between arrays, so a generator that
+        does its work on demand is cancelled between pieces.
         """
+
+    def max_chars(self, language: str) -> int:
+        """Longest sentence this engine takes in one piece, in characters."""
+        return 400
 
     def check(self, request: SynthesisRequest) -> None:
         """Refuse a request this engine cannot serve, before any audio."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import onnxruntime
@@ -80,13 +80,11 @@ class PiperEngine(Engine):
     def capabilities(self) -> dict:
         return {**super().capabilities(), "voice": self.files.name, "device": "cuda" if CUDA in self.providers else "cpu"}
 
-    def synthesize(self, request: SynthesisRequest) -> Iterator[Iterable[np.ndarray]]:
-        length_scale = (self.voice.config.length_scale or 1.0) / request.speed
-        config = SynthesisConfig(length_scale=length_scale)
-        # PiperVoice.synthesize phonemizes the whole text, then runs the model
-        # one sentence per iteration: lazily, so cancel lands between sentences.
-        for chunk in self.voice.synthesize(request.text, config):
-            yield (chunk.audio_float_array,)
+    def speak(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
+        config = SynthesisConfig(length_scale=(self.voice.config.length_scale or 1.0) / request.speed)
+        # espeak may split a sentence further; each piece is one model run.
+        for chunk in self.voice.synthesize(text, config):
+            yield chunk.audio_float_array
 
 
 def main(argv: Optional[list[str]] = None) -> None:

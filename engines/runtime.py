@@ -14,6 +14,7 @@ model.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -27,6 +28,7 @@ import zmq
 from broker import mdp, tts
 from engines.audio import ChunkEncoder
 from engines.base import Engine
+from engines.text import split_sentences
 
 log = logging.getLogger("engines.runtime")
 
@@ -246,10 +248,12 @@ class WorkerRuntime:
                     seq += 1
                     samples += len(pcm) // width
 
-            for sentence in self.engine.synthesize(request):
-                for audio in sentence:
+            for start, end in split_sentences(request.text, self.engine.max_chars(request.language)):
+                for audio in self.engine.speak(request.text[start:end], request):
                     send(encoder.push(audio))
                 send(encoder.end_segment())
+                # Everything before `end` has been sent: a failover resumes here.
+                emit(_PARTIAL, [job.rid, b"mark", json.dumps({"end": end}).encode()])
                 sentences += 1
             elapsed = time.monotonic() - t0
             audio_s = samples / rate

@@ -9,6 +9,10 @@ The model directory is a local XTTS v2 checkpoint (``model.pth``,
 ``config.json``, ``vocab.json``, optional ``speakers_xtts.pth``), loaded once
 through the library's own ``Xtts.load_checkpoint``; nothing is downloaded.
 
+Text is split into sentences by the worker runtime, within the model's
+per-language character limit (``max_chars``), and each sentence is streamed
+with ``inference_stream``.
+
 Speakers are the built-in ones of ``speakers_xtts.pth`` and named clones of
 reference WAVs. A clone's conditioning latents are computed once and cached in
 memory and on disk, keyed by the reference audio's content hash and the
@@ -23,7 +27,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import soundfile
@@ -201,30 +205,27 @@ class XttsEngine(Engine):
         if request.voice is not None and request.voice not in self.voices():
             raise RequestError(BAD_REQUEST, f"XTTS has no speaker {request.voice!r}; speakers: {', '.join(self.voices())}")
 
-    def sentences(self, text: str, language: str) -> list[str]:
-        """Pieces within the model's per-request character limit, split at sentence boundaries."""
-        from TTS.tts.layers.xtts.tokenizer import split_sentence
+    def max_chars(self, language: str) -> int:
+        """The model's per-request limit for the language (e.g. 203 characters for Portuguese)."""
+        return int(self.model.tokenizer.char_limits.get(normalize_language(language), 250))
 
-        limit = self.model.tokenizer.char_limits.get(language, 250)
-        return [s for s in split_sentence(text, language, limit) if s.strip()]
-
-    def synthesize(self, request: SynthesisRequest) -> Iterator[Iterable[np.ndarray]]:
-        language = normalize_language(request.language)
+    def speak(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
         latent, embedding = self._conditioning(self.voice_for(request))
         try:
-            for sentence in self.sentences(request.text, language):
-                yield self._stream(sentence, language, latent, embedding, request.speed)
+            with self.torch.inference_mode():
+                chunks = self.model.inference_stream(
+                    text,
+                    normalize_language(request.language),
+                    latent,
+                    embedding,
+                    stream_chunk_size=self.stream_chunk_size,
+                    speed=request.speed,
+                )
+                for chunk in chunks:
+                    yield chunk.detach().float().cpu().numpy().reshape(-1)
         finally:
             if self.device == "cuda":
                 self.torch.cuda.empty_cache()
-
-    def _stream(self, text: str, language: str, latent: Any, embedding: Any, speed: float) -> Iterator[np.ndarray]:
-        with self.torch.inference_mode():
-            chunks = self.model.inference_stream(
-                text, language, latent, embedding, stream_chunk_size=self.stream_chunk_size, speed=speed,
-            )
-            for chunk in chunks:
-                yield chunk.detach().float().cpu().numpy().reshape(-1)
 
 
 def parse_speakers(items: list[str]) -> dict[str, str]:

@@ -139,3 +139,45 @@ class EchoWorker(threading.Thread):
                 next_hb = time.monotonic() + self.heartbeat_s
         sock.send_multipart([b"MDPW02", b"\x06"])
         sock.close(linger=100)
+
+
+class MisbehavingEngine(threading.Thread):
+    """A worker that registers as a Piper engine and then fails every request in one way.
+
+    ``mode``: ``garbage`` (answers with frames that are not TTS events),
+    ``error`` (answers FINAL error internal), ``stall`` (heartbeats, never answers).
+    A test peer only: it stands for a broken engine process.
+    """
+
+    def __init__(self, endpoint: str, mode: str, voice: str = "en_US-joe-medium", heartbeat_s: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.endpoint, self.mode, self.voice, self.heartbeat_s = endpoint, mode, voice, heartbeat_s
+        self.stop = threading.Event()
+        self.requests = 0
+        self.disconnected = threading.Event()
+
+    def run(self) -> None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        caps = {"protocol": "tts/1", "engine": "piper", "languages": ["en"], "voices": [self.voice], "sample_rate": 22050}
+        sock.send_multipart([b"MDPW02", b"\x01", f"piper.{self.voice}".encode(), json.dumps(caps).encode()])
+        next_hb = time.monotonic()
+        while not self.stop.is_set():
+            if sock.poll(20):
+                frames = sock.recv_multipart()
+                if frames == [b"MDPW02", b"\x06"]:
+                    self.disconnected.set()
+                    break
+                if frames[:2] == [b"MDPW02", b"\x02"] and frames[4:] != [b"tts.cancel"]:
+                    self.requests += 1
+                    address, rid = frames[2], frames[4]
+                    if self.mode == "garbage":
+                        sock.send_multipart([b"MDPW02", b"\x03", address, b"", rid, b"audio", b"\x00\x00\x00\x00", b"odd"])
+                    elif self.mode == "error":
+                        body = json.dumps({"code": "internal", "message": "model exploded"}).encode()
+                        sock.send_multipart([b"MDPW02", b"\x04", address, b"", rid, b"error", body])
+            if time.monotonic() >= next_hb:
+                sock.send_multipart([b"MDPW02", b"\x05"])
+                next_hb = time.monotonic() + self.heartbeat_s
+        sock.close(linger=0)

@@ -76,19 +76,12 @@ def test_languages_speakers_and_request_checks(engine: XttsEngine) -> None:
     engine.check(SynthesisRequest(text="x", language="pt-BR", voice="guard"))
 
 
-def test_long_text_is_split_at_sentence_boundaries_within_the_limit(engine: XttsEngine) -> None:
-    text = " ".join(f"Frase número {i}, que conta a história da velha taverna." for i in range(12))
-    pieces = engine.sentences(text, "pt")
-    assert len(pieces) > 1 and all(len(p) <= 203 for p in pieces)
-    assert " ".join(pieces).split() == text.split()
-    assert all(p.rstrip().endswith(".") for p in pieces)
-    assert engine.sentences("Curta.", "pt") == ["Curta."]
+def test_sentence_limit_is_the_models_per_language_limit(engine: XttsEngine) -> None:
+    assert engine.max_chars("pt-BR") == 203 and engine.max_chars("en") == 250 and engine.max_chars("ja") == 71
 
 
 def test_streaming_yields_several_chunks_per_sentence(engine: XttsEngine) -> None:
-    sentences = list(engine.synthesize(SynthesisRequest(text=PT_TEXT, language="pt-BR", voice="Tiny Speaker B")))
-    assert len(sentences) == 1
-    chunks = list(sentences[0])
+    chunks = list(engine.speak(PT_TEXT, SynthesisRequest(text=PT_TEXT, language="pt-BR", voice="Tiny Speaker B")))
     assert len(chunks) == 4 and all(c.dtype == np.float32 and c.ndim == 1 for c in chunks)
     assert np.isfinite(np.concatenate(chunks)).all()
 
@@ -103,7 +96,7 @@ def test_clone_latents_are_cached_on_disk(tiny_xtts: Path, reference_wav: Path, 
 
     monkeypatch.setattr(XttsEngine, "_compute_latents", recompute)
     again = XttsEngine(tiny_xtts, "cpu", {"guard": reference_wav}, cache_dir=cache)
-    chunks = [c for s in again.synthesize(SynthesisRequest(text="Olá.", language="pt", voice="guard")) for c in s]
+    chunks = list(again.speak("Olá.", SynthesisRequest(text="Olá.", language="pt", voice="guard")))
     assert chunks and list(cache.glob("*.pt")) == [cached]
     # A different reference file is a different key.
     other = tmp_path / "other.wav"
@@ -217,7 +210,8 @@ def test_standalone_xtts_worker_behind_standalone_broker(tiny_xtts: Path, tmp_pa
         assert len(s.audio()) >= 4
         # The first chunk left the worker before synthesis finished: it streamed.
         assert end["worker_ttfa_ms"] < end["synth_ms"]
-        assert abs(end["samples"] / 22050 - 0.6) < 0.05  # 14336 samples at 24 kHz, resampled
+        # Two sentences of 14336 samples at 24 kHz each (the fixture always runs to its token cap), resampled.
+        assert end["segments"] == 2 and abs(end["samples"] / 22050 - 2 * 14336 / 24000) < 0.01
         c.close()
     finally:
         for p in reversed(procs):

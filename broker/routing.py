@@ -1,0 +1,93 @@
+"""Which engine services may serve a TTS request, in order of preference.
+
+A *chain* is an ordered list of steps; a step is an engine service, optionally
+with the voice (XTTS speaker) to use there. The broker tries the steps in
+order, and within a step the least recently used live worker. Pure functions
+of the services the broker knows: no state, no I/O.
+
+How a chain is chosen (PROTOCOL.md repeats this for client authors):
+
+1. A request addressed to an engine service has the one-step chain of that service.
+2. Otherwise its language is the primary subtag of ``language``; if no chain is
+   configured for it and no known engine speaks it, ``default_language`` is used.
+3. A configured chain for that language (``[routing.chains]``) is used as is;
+   without one, the default chain is every Piper service speaking the language
+   (by name), then every XTTS service speaking it.
+4. ``engine`` keeps only the steps of that engine; ``voice`` keeps only the
+   steps that can speak that voice (a Piper voice name, or an XTTS speaker),
+   and a step's own voice must then equal it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional, Protocol
+
+from . import tts
+
+
+class _Service(Protocol):
+    name: str
+    caps: Optional[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Step:
+    service: str
+    voice: Optional[str] = None
+    """Voice to request at this step; None: the request's own (or the engine's default)."""
+
+
+def parse_step(spec: str) -> Step:
+    """``piper:en_US-joe-medium`` → service ``piper.en_US-joe-medium``; ``xtts`` or ``xtts:narrator`` → ``xtts``."""
+    engine, _, voice = spec.partition(":")
+    if engine == "piper":
+        if not voice:
+            raise ValueError(f"chain step {spec!r}: piper steps name a voice, e.g. piper:en_US-joe-medium")
+        return Step(f"piper.{voice}")
+    if engine == "xtts":
+        return Step("xtts", voice or None)
+    raise ValueError(f"chain step {spec!r}: use piper:VOICE, xtts or xtts:SPEAKER")
+
+
+def _speaks(svc: _Service, lang: str) -> bool:
+    return svc.caps is not None and lang in svc.caps.get("languages", ())
+
+
+def _engine(svc: _Service) -> Optional[str]:
+    return svc.caps.get("engine") if svc.caps else None
+
+
+def route_language(language: str, services: Iterable[_Service], chains: Mapping[str, tuple[Step, ...]], default: str) -> str:
+    lang = tts.normalize_language(language)
+    if lang in chains or any(_speaks(s, lang) for s in services):
+        return lang
+    return default
+
+
+def chain_for(
+    request: tts.SynthesisRequest,
+    target: Optional[str],
+    services: Mapping[str, _Service],
+    chains: Mapping[str, tuple[Step, ...]],
+    default_language: str,
+) -> list[Step]:
+    if target is not None:
+        return [Step(target)]
+    lang = route_language(request.language, services.values(), chains, default_language)
+    if lang in chains:
+        steps = list(chains[lang])
+    else:
+        tts_services = [s for s in services.values() if _speaks(s, lang)]
+        steps = [Step(s.name) for s in sorted(tts_services, key=lambda s: (_engine(s) != "piper", s.name))]
+    out = []
+    for step in steps:
+        svc = services.get(step.service)
+        caps = svc.caps if svc is not None else None
+        if request.engine is not None and (caps is None or caps.get("engine") != request.engine):
+            continue
+        if request.voice is not None:
+            if caps is None or request.voice not in caps.get("voices", ()) or step.voice not in (None, request.voice):
+                continue
+        out.append(step)
+    return out
