@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet -c constraints.txt
+# rustup installs cargo here; the Rust client's interop test needs it.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench rust-deps clean
 
 $(VENV)/.base: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,16 +16,22 @@ $(VENV)/.base: pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.full: $(VENV)/.base
-	$(PIP) -e '.[test,xtts]'
+	$(PIP) -e '.[test,xtts,bench]'
 	touch $@
+
+rust-deps:
+	sh scripts/install-rust-deps.sh
 
 setup: $(VENV)/.full
 
 demo: $(VENV)/.base
 	$(VENV)/bin/tts-broker demo
 
-test: $(VENV)/.full
+test: $(VENV)/.full rust-deps
 	$(PY) -m pytest
+
+bench: $(VENV)/.full
+	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) out

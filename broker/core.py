@@ -26,10 +26,11 @@ Rules:
 * A worker is alive while any command from it arrived within
   ``heartbeat * liveness``; a busy one is *stuck* when no reply came for
   ``stuck_timeout``. A dead, disconnected, stuck, erring or garbling worker
-  *fails* its job (:meth:`_failover`): the worker is out of rotation (it must
-  re-register), and the job goes back to the front of the queue, excluded
-  from the workers that already failed it, to be served by the next live
-  worker of its chain (``broker/routing.py``).
+  *fails* its job (:meth:`_failover`); the job goes back to the front of the
+  queue, excluded from the workers that already failed it, to be served by the
+  next live worker of its chain (``broker/routing.py``), at most
+  ``max_failovers`` times. A dead, stuck or garbling worker is also out of
+  rotation (it must re-register); one that answered ``error`` stays in it.
 * TTS failover is invisible before audio: the broker holds ``start`` until the
   first audio chunk, so a job that fails before it simply starts elsewhere.
   After audio, the job resumes at the first sentence not fully delivered: the
@@ -98,6 +99,9 @@ class CoreSettings:
     """Fallback chain per language (primary subtag); see ``broker/routing.py``."""
     stuck_timeout_s: float = 10.0
     """A busy worker that sends nothing back for this long is failed over, in seconds."""
+    max_failovers: int = 3
+    """A request that has failed this many workers ends with ``internal`` (a poison request
+    must not take down every restarted worker in turn)."""
 
 
 @dataclass(eq=False)
@@ -212,11 +216,15 @@ class BrokerCore:
         """Heartbeat workers, bury the dead ones, expire waiting requests."""
         self.now = now
         out: list[Action] = []
+        dead = [w for w in self.workers.values() if w.expires <= now]
+        for w in dead:  # first out of rotation, all of them, so no job fails over to a dead worker
+            if w in w.service.idle:
+                w.service.idle.remove(w)
+        for w in dead:
+            log.warning("worker %s (%s) expired: no heartbeat for %.2fs", w.label, w.service.name, self.expiry)
+            self._remove_worker(w, "heartbeat lost", now, out)
         for w in list(self.workers.values()):
-            if w.expires <= now:
-                log.warning("worker %s (%s) expired: no heartbeat for %.2fs", w.label, w.service.name, self.expiry)
-                self._remove_worker(w, "heartbeat lost", now, out)
-            elif w.job is not None and w.job.rid is not None and now - w.job.progress > self.s.stuck_timeout_s:
+            if w.job is not None and w.job.rid is not None and now - w.job.progress > self.s.stuck_timeout_s:
                 self._reject(w, f"nothing for {self.s.stuck_timeout_s:g}s while busy (stuck)", now, out)
             elif w.heartbeat_due <= now:
                 w.heartbeat_due = now + self.s.heartbeat_s
@@ -245,8 +253,30 @@ class BrokerCore:
 
     def on_worker(self, identity: bytes, frames: list[bytes], now: float) -> list[Action]:
         self.now = now
-        out: list[Action] = []
         worker = self.workers.get(identity)
+        job = worker.job if worker is not None else None
+        if (
+            # The hot path, an audio chunk of the job the worker holds, checked
+            # here without building a command object; anything else goes the long way.
+            job is not None
+            and len(frames) == 8
+            and frames[5] == b"audio"
+            and frames[1] == mdp.W_PARTIAL
+            and frames[0] == mdp.WORKER
+            and frames[2] == job.key
+            and frames[3] == b""
+            and frames[4] == job.rid
+            and len(frames[6]) == 4
+            and job.dispatch_started
+            and not job.cancelled
+            and len(frames[7]) % job.width == 0
+        ):
+            assert worker is not None
+            worker.expires = now + self.expiry
+            job.progress = now
+            job.replied = True
+            return [Action(False, job.client, mdp.client_reply_frames(job.service, body, False)) for body in self._audio(job, frames[7], now)]
+        out: list[Action] = []
         try:
             cmd = mdp.decode_worker(frames)
         except mdp.ProtocolError as exc:
@@ -343,6 +373,7 @@ class BrokerCore:
                 self._finish(job, out, self._error_body(None, tts.INTERNAL, f"worker failed mid-reply: {why}"))
             else:
                 log.warning("job %s: worker %s lost (%s) before replying; re-queued", job.key.hex(), worker.label, why)
+                job.deadline = now + self.s.request_timeout_s
                 self.waiting.appendleft(job)
             return
         if error is not None:
@@ -351,6 +382,11 @@ class BrokerCore:
                 # The engine refused and no other worker could try: its answer stands.
                 self._finish(job, out, tts.error_body(job.rid, *error))
                 return
+        if job.failovers >= self.s.max_failovers:
+            msg = f"gave up after {job.failovers} failovers; last: {why}"
+            log.error("job %s: %s", job.key.hex(), msg)
+            self._finish(job, out, tts.error_body(job.rid, *(error or (tts.INTERNAL, msg))))
+            return
         job.held_start = None
         if job.started:
             job.base = job.delivered
@@ -400,41 +436,38 @@ class BrokerCore:
             if body[:1] != [job.rid]:
                 raise ValueError("reply does not carry the job's request id")
             if body[1:2] == [b"audio"] and len(body) == 4:
-                # The hot path: checked without decoding the event.
                 if not job.dispatch_started:
                     raise ValueError("audio before start")
-                if len(body[3]) % job.width:
-                    raise ValueError("audio chunk of partial samples")
-                send += self._release_start(job, now)
-                job.samples += len(body[3]) // job.width
-                send.append([job.rid, b"audio", struct.pack(">I", job.seq), body[3]])
-                job.seq += 1
+                if len(body[3]) % job.width or len(body[2]) != 4:
+                    raise ValueError("audio chunk of partial samples, or a sequence frame that is not 4 bytes")
+                send += self._audio(job, body[3], now)
             else:
                 _, event = tts.decode_event(body)
                 if cmd.final != isinstance(event, (tts.End, tts.Error)):
                     raise ValueError(f"event {body[1]!r} sent as {'FINAL' if cmd.final else 'PARTIAL'}")
                 if isinstance(event, tts.Start):
                     send += self._on_start(job, worker, event)
-                elif isinstance(event, tts.Error):
-                    if event.code != tts.CANCELLED:
-                        # The engine could not do it: let the next worker try.
-                        log.warning("job %s: worker %s answered %s: %s", job.key.hex(), worker.label, event.code, event.message)
-                        worker.job = None
-                        self._failover(job, worker, f"engine error {event.code}: {event.message}", now, out, (event.code, event.message))
-                        self._worker_idle(worker, out)
-                        self._dispatch_waiting(out)
-                        return
+                elif isinstance(event, tts.Error) and event.code != tts.CANCELLED:
+                    # The engine could not do it: let the next worker try.
+                    log.warning("job %s: worker %s answered %s: %s", job.key.hex(), worker.label, event.code, event.message)
+                    worker.job = None
+                    self._failover(job, worker, f"engine error {event.code}: {event.message}", now, out, (event.code, event.message))
+                    self._worker_idle(worker, out)
+                    self._dispatch_waiting(out)
+                    return
                 elif isinstance(event, tts.Audio):
                     raise ValueError("audio event must be 4 frames")
+                elif isinstance(event, tts.Error):  # cancelled, though nobody asked: say so
+                    send.append(body)
                 else:
                     if not job.dispatch_started:
                         raise ValueError(f"{body[1]!r} before start")
-                    send += self._release_start(job, now)
                     if isinstance(event, tts.End):
                         event.stats.update(self._stats(job, now))
                         body = event.body(job.rid)
                     elif isinstance(event, tts.Other) and event.event == "mark":
                         body = self._on_mark(job, event)
+                    send += self._release_start(job, now)
                     send.append(body)
         except (ValueError, TypeError, KeyError, OverflowError) as exc:
             msg = f"sent a malformed reply: {exc}"
@@ -452,6 +485,16 @@ class BrokerCore:
         elif send:
             out.append(Action(False, job.client, mdp.client_reply_frames(job.service, send[-1], False)))
 
+    def _audio(self, job: Job, pcm: bytes, now: float) -> list[list[bytes]]:
+        """Bodies to send the client for one chunk: the held ``start`` first, then the renumbered audio."""
+        bodies = self._release_start(job, now) if job.held_start is not None else []
+        if job.first_audio is None:
+            job.first_audio = now
+        job.samples += len(pcm) // job.width
+        bodies.append([job.rid, b"audio", struct.pack(">I", job.seq), pcm])
+        job.seq += 1
+        return bodies
+
     def _on_start(self, job: Job, worker: Worker, start: tts.Start) -> list[list[bytes]]:
         """Hold a first ``start`` until audio; turn a later one into a ``failover`` event."""
         if job.dispatch_started:
@@ -460,6 +503,8 @@ class BrokerCore:
         if start.format not in tts.SAMPLE_WIDTH:
             raise ValueError(f"unknown format {start.format!r}")
         rate = int(start.sample_rate)
+        if not tts.MIN_RATE <= rate <= tts.MAX_RATE:
+            raise ValueError(f"sample rate {rate} outside {tts.MIN_RATE}-{tts.MAX_RATE} Hz")
         start.worker = {**start.worker, "id": worker.label}
         job.engines.append(start.engine)
         if not job.started:
@@ -483,17 +528,16 @@ class BrokerCore:
             return []
         start, job.held_start = job.held_start, None
         job.started = True
-        job.first_audio = now
         return [start.body(job.rid)]
 
     def _on_mark(self, job: Job, event: tts.Other) -> list[bytes]:
         """A worker finished a sentence: remember where, in the client's text, the next one starts."""
         mark = tts.json_object(event.frames[0], "mark") if len(event.frames) == 1 else None
-        if mark is None or not isinstance(mark.get("end"), int):
+        if mark is None or type(mark.get("end")) is not int:
             raise ValueError("mark event needs one JSON frame with an integer end")
         end = job.base + mark["end"]
-        if not job.delivered <= end <= len(job.request.text):  # type: ignore[union-attr]
-            raise ValueError(f"mark end {mark['end']} outside the text")
+        if not job.delivered < end <= len(job.request.text):  # type: ignore[union-attr]
+            raise ValueError(f"mark end {mark['end']} does not advance within the text")
         job.delivered = end
         job.segments += 1
         return [job.rid, b"mark", json.dumps({"segment": job.segments - 1, "end": end}).encode()]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -46,6 +46,10 @@ INTERNAL = "internal"
 OVERLOADED = "overloaded"
 ERROR_CODES = (BAD_REQUEST, TOO_LARGE, UNAVAILABLE, CANCELLED, TIMEOUT, INTERNAL, OVERLOADED)
 
+MIN_RATE = 8000
+MAX_RATE = 48000
+"""Output rates a request may ask for, in Hertz."""
+
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")
 
 
@@ -73,7 +77,7 @@ class SynthesisRequest(BaseModel):
     voice: Optional[str] = Field(default=None, min_length=1, max_length=200)
     engine: Optional[Literal["piper", "xtts"]] = None
     format: Literal["s16le", "f32le"] = "s16le"
-    sample_rate: Optional[int] = Field(default=None, ge=8000, le=48000)
+    sample_rate: Optional[int] = Field(default=None, ge=MIN_RATE, le=MAX_RATE)
     """Output rate in Hertz; default the engine's native rate."""
     chunk_ms: int = Field(default=40, ge=10, le=1000)
     """Audio per chunk in milliseconds (the last chunk of a sentence may be shorter)."""
@@ -159,8 +163,15 @@ class Start:
     name = b"start"
 
     def body(self, rid: bytes) -> Frames:
-        d = asdict(self)
-        d.update(d.pop("extra"))
+        d = {
+            "sample_rate": self.sample_rate,
+            "format": self.format,
+            "engine": self.engine,
+            "voice": self.voice,
+            "worker": self.worker,
+            "channels": self.channels,
+            **self.extra,
+        }
         return [rid, self.name, _json(d)]
 
     @classmethod

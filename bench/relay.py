@@ -1,0 +1,82 @@
+"""Broker cost per message: one request and its 7 replies, through four paths, interleaved.
+
+Each round trip is a TTS request and ``start`` + 5 × ``audio`` (40 ms of 16-bit
+PCM at 22,050 Hz) + ``end``, timed from send to the FINAL at the client:
+
+* ``direct`` — client ↔ worker, no intermediary;
+* ``relay`` — through a minimal Python ROUTER↔ROUTER relay (the least an
+  MDP relay can do: swap identities and forward);
+* ``proxy`` — through ``zmq.proxy`` (C);
+* ``broker`` — through this project's broker (``python -m broker``), with a
+  synthetic engine worker: full MDP/0.2 validation, routing, request checking,
+  heartbeats, sequence rewriting and statistics.
+
+``relay_overhead_ratio`` = broker p50 / relay p50.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import zmq
+
+from .common import endpoint, histogram, processes, summary, cdf
+
+PATHS = ("direct", "relay", "proxy", "broker")
+REQUEST = json.dumps({"text": "Hello there."}).encode()
+
+
+def _round_trip(sock: zmq.Socket, service: bytes, rid: bytes) -> int:
+    t0 = time.perf_counter_ns()
+    sock.send_multipart([b"MDPC02", b"\x01", service, rid, REQUEST])
+    while True:
+        frames = sock.recv_multipart()
+        if frames[1] == b"\x03":
+            if frames[4] != b"end":
+                raise RuntimeError(f"round trip failed: {frames[4:]}")
+            return (time.perf_counter_ns() - t0) // 1000
+
+
+def run(rounds: int = 10, per_round: int = 300, warmup: int = 200) -> dict[str, Any]:
+    ep = {p: (endpoint(), endpoint()) for p in PATHS}
+    argvs = [
+        ["-m", "bench.peers", "direct", "--frontend", ep["direct"][0]],
+        ["-m", "bench.peers", "relay", "--frontend", ep["relay"][0], "--backend", ep["relay"][1]],
+        ["-m", "bench.peers", "relay-worker", "--backend", ep["relay"][1]],
+        ["-m", "bench.peers", "proxy", "--frontend", ep["proxy"][0], "--backend", ep["proxy"][1]],
+        ["-m", "bench.peers", "relay-worker", "--backend", ep["proxy"][1]],
+        ["-m", "broker", "--frontend", ep["broker"][0], "--backend", ep["broker"][1], "--log-level", "WARNING"],
+        ["-m", "bench.peers", "engine", "--backend", ep["broker"][1]],
+    ]
+    with processes(*argvs):
+        ctx = zmq.Context.instance()
+        socks = {}
+        for p in PATHS:
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(ep[p][0])
+            socks[p] = s
+        time.sleep(1.0)  # let every peer bind, connect and register
+        hists = {p: histogram() for p in PATHS}
+        n = 0
+        for p in PATHS:
+            for _ in range(warmup):
+                n += 1
+                _round_trip(socks[p], b"tts", b"w%d" % n)
+        for _ in range(rounds):
+            for p in PATHS:  # interleaved: every path sees the same machine noise
+                for _ in range(per_round):
+                    n += 1
+                    hists[p].record_value(max(1, _round_trip(socks[p], b"tts", b"r%d" % n)))
+        for s in socks.values():
+            s.close()
+    result = {p: summary(h) for p, h in hists.items()}
+    return {
+        "unit": "µs per round trip (request + 7 replies)",
+        "paths": result,
+        "cdf": {p: cdf(h) for p, h in hists.items()},
+        "relay_overhead_ratio": round(result["broker"]["p50"] / result["relay"]["p50"], 3),
+        "relay_overhead_ratio_p99": round(result["broker"]["p99"] / result["relay"]["p99"], 3),
+    }

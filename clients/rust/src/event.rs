@@ -1,0 +1,214 @@
+//! Typed TTS stream events (PROTOCOL.md, "TTS replies").
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde_json::{Map, Value};
+
+/// PCM sample format: little-endian signed 16-bit or 32-bit IEEE float.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SampleFormat {
+    S16le,
+    F32le,
+}
+
+impl SampleFormat {
+    /// The wire name: `"s16le"` or `"f32le"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SampleFormat::S16le => "s16le",
+            SampleFormat::F32le => "f32le",
+        }
+    }
+
+    /// Bytes per sample (2 or 4).
+    pub fn sample_width(self) -> usize {
+        match self {
+            SampleFormat::S16le => 2,
+            SampleFormat::F32le => 4,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SampleFormat> {
+        match s {
+            "s16le" => Some(SampleFormat::S16le),
+            "f32le" => Some(SampleFormat::F32le),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SampleFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SampleFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<SampleFormat, String> {
+        SampleFormat::parse(s).ok_or_else(|| format!("unknown sample format {s:?} (use s16le or f32le)"))
+    }
+}
+
+/// How to play a stream's audio, from its `start` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AudioSpec {
+    /// Hertz.
+    pub sample_rate: u32,
+    pub channels: u16,
+    pub format: SampleFormat,
+}
+
+impl AudioSpec {
+    /// Bytes per frame (one sample of every channel).
+    pub fn frame_bytes(&self) -> usize {
+        self.format.sample_width() * usize::from(self.channels)
+    }
+}
+
+/// The worker that speaks a stream (`start.worker`, `failover.worker`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct WorkerInfo {
+    /// Broker-side worker id.
+    pub id: Option<String>,
+    /// Operating-system process id of the synthesising process.
+    pub pid: Option<u64>,
+    pub host: Option<String>,
+    /// The service the worker registered (`piper.en_US-joe-medium`, `xtts`…).
+    pub service: Option<String>,
+    /// The whole JSON object, including keys not listed above.
+    pub raw: Map<String, Value>,
+}
+
+impl WorkerInfo {
+    pub(crate) fn from_json(value: Option<&Value>) -> WorkerInfo {
+        let raw = match value {
+            Some(Value::Object(m)) => m.clone(),
+            _ => Map::new(),
+        };
+        WorkerInfo {
+            id: str_field(&raw, "id"),
+            pid: raw.get("pid").and_then(Value::as_u64),
+            host: str_field(&raw, "host"),
+            service: str_field(&raw, "service"),
+            raw,
+        }
+    }
+}
+
+/// Statistics of a finished stream (the `end` event). Every field is optional
+/// on the wire; [`Stats::raw`] has the whole object.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Stats {
+    /// Samples delivered, at the output rate.
+    pub samples: Option<u64>,
+    /// Seconds of audio delivered.
+    pub audio_s: Option<f64>,
+    pub chunks: Option<u64>,
+    /// Broker-measured time from request arrival to first audio, milliseconds.
+    pub ttfa_ms: Option<f64>,
+    pub total_ms: Option<f64>,
+    /// Every engine that spoke, in order.
+    pub engines: Vec<String>,
+    /// Sentences delivered.
+    pub segments: Option<u64>,
+    pub failovers: Option<u64>,
+    /// Synthesis time / audio time, from the last worker.
+    pub rtf: Option<f64>,
+    pub raw: Map<String, Value>,
+}
+
+impl Stats {
+    pub(crate) fn from_json(raw: Map<String, Value>) -> Stats {
+        let engines = match raw.get("engines") {
+            Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+            _ => Vec::new(),
+        };
+        Stats {
+            samples: raw.get("samples").and_then(Value::as_u64),
+            audio_s: raw.get("audio_s").and_then(Value::as_f64),
+            chunks: raw.get("chunks").and_then(Value::as_u64),
+            ttfa_ms: raw.get("ttfa_ms").and_then(Value::as_f64),
+            total_ms: raw.get("total_ms").and_then(Value::as_f64),
+            engines,
+            segments: raw.get("segments").and_then(Value::as_u64),
+            failovers: raw.get("failovers").and_then(Value::as_u64),
+            rtf: raw.get("rtf").and_then(Value::as_f64),
+            raw,
+        }
+    }
+}
+
+/// One event of a TTS stream, in the order the broker sent it.
+///
+/// A stream yields exactly one `Start` before any `Audio`, `Audio` chunks
+/// numbered 0, 1, 2… (checked by the client), `Mark`s after each sentence,
+/// `Failover`s when another worker takes over, and `End` last. A FINAL
+/// `error` is not an event: the stream yields [`crate::Error::Tts`].
+/// Events this version does not know are skipped.
+///
+/// Character offsets (`Mark::end`, `Failover::resume_at`) count Unicode
+/// scalar values (`text.chars()`), not bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// How to play what follows. `extra` holds keys not listed here.
+    Start {
+        sample_rate: u32,
+        channels: u16,
+        format: SampleFormat,
+        engine: String,
+        voice: String,
+        worker: WorkerInfo,
+        extra: Map<String, Value>,
+    },
+    /// A chunk of little-endian PCM in the format `Start` announced.
+    Audio { seq: u32, pcm: Vec<u8> },
+    /// Sentence `segment` has been sent in full; the next starts at character `end`.
+    Mark { segment: u64, end: u64 },
+    /// Another worker took over; it speaks the text from character `resume_at`.
+    Failover {
+        engine: String,
+        voice: String,
+        worker: WorkerInfo,
+        reason: String,
+        resume_at: u64,
+    },
+    /// The stream finished successfully.
+    End { stats: Stats },
+}
+
+impl Event {
+    /// The wire name of the event (`"start"`, `"audio"`…).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Start { .. } => "start",
+            Event::Audio { .. } => "audio",
+            Event::Mark { .. } => "mark",
+            Event::Failover { .. } => "failover",
+            Event::End { .. } => "end",
+        }
+    }
+
+    /// The audio format of a `Start` event.
+    pub fn audio_spec(&self) -> Option<AudioSpec> {
+        match self {
+            Event::Start {
+                sample_rate,
+                channels,
+                format,
+                ..
+            } => Some(AudioSpec {
+                sample_rate: *sample_rate,
+                channels: *channels,
+                format: *format,
+            }),
+            _ => None,
+        }
+    }
+}
+
+pub(crate) fn str_field(map: &Map<String, Value>, key: &str) -> Option<String> {
+    map.get(key).and_then(Value::as_str).map(str::to_string)
+}

@@ -1,0 +1,51 @@
+//! Rust client for the tts-broker text-to-speech broker.
+//!
+//! The broker speaks ZeroMQ [MDP/0.2 (RFC 18)](https://rfc.zeromq.org/spec/18/)
+//! with a TTS event layer; `PROTOCOL.md` at the root of the repository is the
+//! wire contract this crate implements:
+//!
+//! * one `DEALER` socket per [`Client`], many streams in flight on it, each
+//!   with its own request id; replies for other streams are queued while you
+//!   read one;
+//! * typed [`Event`]s (`Start`, `Audio`, `Mark`, `Failover`, `End`); unknown
+//!   events are skipped; audio sequence numbers are checked (a gap is an
+//!   [`Error::SequenceGap`]); a FINAL `error` becomes [`Error::Tts`] with its
+//!   [`ErrorCode`];
+//! * cancel ([`Stream::cancel`], or drop the stream), a per-stream timeout,
+//!   and the `mmi.service` readiness check ([`Client::wait_ready`]).
+//!
+//! ```no_run
+//! use tts_broker_client::{Client, Event, Request};
+//!
+//! fn main() -> Result<(), tts_broker_client::Error> {
+//!     let client = Client::connect("tcp://127.0.0.1:5555")?;
+//!     client.wait_ready("tts", std::time::Duration::from_secs(10))?;
+//!     for event in client.speak(&Request::new("Hello there.").language("en"))? {
+//!         match event? {
+//!             Event::Start { sample_rate, format, .. } => println!("{sample_rate} Hz {format}"),
+//!             Event::Audio { pcm, .. } => { /* play or store pcm */ let _ = pcm; }
+//!             Event::End { stats } => println!("{:?} s of audio", stats.audio_s),
+//!             _ => {}
+//!         }
+//!     }
+//!     Ok(())
+//! }
+//! ```
+//!
+//! The pure framing layer ([`protocol`]) and the WAV writer ([`wav`]) need no
+//! socket and can be reused on their own.
+
+mod client;
+mod error;
+mod event;
+pub mod protocol;
+mod request;
+pub mod wav;
+
+pub use client::{Client, Stream, DEFAULT_ENDPOINT, DEFAULT_TIMEOUT};
+pub use error::{Error, ErrorCode, ProtocolError};
+pub use event::{AudioSpec, Event, SampleFormat, Stats, WorkerInfo};
+pub use request::Request;
+
+/// The `zmq` crate this client is built on, for [`Client::connect_with_context`].
+pub use zmq;

@@ -1,0 +1,142 @@
+//! The JSON body of a TTS request (PROTOCOL.md, "TTS requests").
+
+use serde_json::{Map, Value};
+
+use crate::event::SampleFormat;
+
+/// What to speak and how. Only `text` is required; unset options are left out
+/// of the JSON so the broker applies its defaults.
+///
+/// ```
+/// use tts_broker_client::{Request, SampleFormat};
+/// let req = Request::new("Hello there.").language("en-US").format(SampleFormat::F32le).sample_rate(16000);
+/// assert_eq!(req.to_json(), br#"{"format":"f32le","language":"en-US","sample_rate":16000,"text":"Hello there."}"#);
+/// ```
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Request {
+    /// Text to speak: not blank, at most the broker's `max_text_chars` characters.
+    pub text: String,
+    /// BCP-47-like tag (`en`, `pt-BR`…); broker default `en`.
+    pub language: Option<String>,
+    /// A Piper voice name (`en_US-joe-medium`) or an XTTS speaker.
+    pub voice: Option<String>,
+    /// `"piper"` or `"xtts"`.
+    pub engine: Option<String>,
+    /// Broker default `s16le`.
+    pub format: Option<SampleFormat>,
+    /// 8000–48000 Hz; default the engine's native rate.
+    pub sample_rate: Option<u32>,
+    /// Audio per chunk, 10–1000 ms; broker default 40.
+    pub chunk_ms: Option<u32>,
+    /// Speaking-rate multiplier, > 0.25 and ≤ 4; broker default 1.0.
+    pub speed: Option<f64>,
+}
+
+impl Request {
+    pub fn new(text: impl Into<String>) -> Request {
+        Request {
+            text: text.into(),
+            ..Request::default()
+        }
+    }
+
+    pub fn language(mut self, language: impl Into<String>) -> Request {
+        self.language = Some(language.into());
+        self
+    }
+
+    pub fn voice(mut self, voice: impl Into<String>) -> Request {
+        self.voice = Some(voice.into());
+        self
+    }
+
+    pub fn engine(mut self, engine: impl Into<String>) -> Request {
+        self.engine = Some(engine.into());
+        self
+    }
+
+    pub fn format(mut self, format: SampleFormat) -> Request {
+        self.format = Some(format);
+        self
+    }
+
+    pub fn sample_rate(mut self, hz: u32) -> Request {
+        self.sample_rate = Some(hz);
+        self
+    }
+
+    pub fn chunk_ms(mut self, ms: u32) -> Request {
+        self.chunk_ms = Some(ms);
+        self
+    }
+
+    pub fn speed(mut self, speed: f64) -> Request {
+        self.speed = Some(speed);
+        self
+    }
+
+    /// The JSON object (frame 4 of the REQUEST), as a value.
+    pub fn to_value(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("text".into(), Value::from(self.text.as_str()));
+        if let Some(v) = &self.language {
+            m.insert("language".into(), Value::from(v.as_str()));
+        }
+        if let Some(v) = &self.voice {
+            m.insert("voice".into(), Value::from(v.as_str()));
+        }
+        if let Some(v) = &self.engine {
+            m.insert("engine".into(), Value::from(v.as_str()));
+        }
+        if let Some(v) = self.format {
+            m.insert("format".into(), Value::from(v.as_str()));
+        }
+        if let Some(v) = self.sample_rate {
+            m.insert("sample_rate".into(), Value::from(v));
+        }
+        if let Some(v) = self.chunk_ms {
+            m.insert("chunk_ms".into(), Value::from(v));
+        }
+        if let Some(v) = self.speed {
+            // A non-finite speed becomes null, which the broker refuses (bad_request).
+            m.insert("speed".into(), Value::from(v));
+        }
+        Value::Object(m)
+    }
+
+    /// The JSON object as UTF-8 bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        self.to_value().to_string().into_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_request_has_only_text() {
+        assert_eq!(
+            Request::new("Hi \"you\"\n").to_json(),
+            br#"{"text":"Hi \"you\"\n"}"#.to_vec()
+        );
+    }
+
+    #[test]
+    fn every_option_is_encoded() {
+        let r = Request::new("héllo")
+            .language("pt-BR")
+            .voice("v")
+            .engine("piper")
+            .format(SampleFormat::S16le)
+            .sample_rate(22050)
+            .chunk_ms(20)
+            .speed(1.5);
+        let v: Value = serde_json::from_slice(&r.to_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"text": "héllo", "language": "pt-BR", "voice": "v", "engine": "piper",
+                               "format": "s16le", "sample_rate": 22050, "chunk_ms": 20, "speed": 1.5})
+        );
+    }
+}

@@ -1,0 +1,383 @@
+//! The client against a scripted in-process broker (a ROUTER socket): no
+//! real broker needed. Covers the demultiplexer, cancel, timeouts, MMI and a
+//! dropped connection.
+
+use std::time::{Duration, Instant};
+
+use tts_broker_client::{zmq, Client, Error, ErrorCode, Event, Request, SampleFormat};
+
+struct FakeBroker {
+    router: zmq::Socket,
+    _ctx: zmq::Context,
+}
+
+type Frames = Vec<Vec<u8>>;
+
+const START: &[u8] =
+    br#"{"sample_rate":22050,"channels":1,"format":"s16le","engine":"piper","voice":"v","worker":{"id":"w1","pid":1}}"#;
+
+impl FakeBroker {
+    /// A ROUTER bound to `endpoint`; returns it and the endpoint clients should connect to.
+    fn bind(ctx: &zmq::Context, endpoint: &str) -> (FakeBroker, String) {
+        let router = ctx.socket(zmq::ROUTER).unwrap();
+        router.set_linger(0).unwrap();
+        router.bind(endpoint).unwrap();
+        let bound = router.get_last_endpoint().unwrap().unwrap();
+        (
+            FakeBroker {
+                router,
+                _ctx: ctx.clone(),
+            },
+            bound,
+        )
+    }
+
+    /// Next client command: (identity, frames without the identity).
+    fn recv(&self) -> (Vec<u8>, Frames) {
+        assert!(
+            self.router.poll(zmq::POLLIN, 5000).unwrap() > 0,
+            "the client sent nothing"
+        );
+        let mut frames = self.router.recv_multipart(0).unwrap();
+        let rest = frames.split_off(1);
+        (frames.remove(0), rest)
+    }
+
+    fn recv_request(&self) -> (Vec<u8>, String, Frames) {
+        let (id, frames) = self.recv();
+        assert_eq!(&frames[0], b"MDPC02");
+        assert_eq!(&frames[1], &[0x01]);
+        (id, String::from_utf8(frames[2].clone()).unwrap(), frames[3..].to_vec())
+    }
+
+    fn reply(&self, id: &[u8], is_final: bool, service: &str, body: &[&[u8]]) {
+        let mut frames: Frames = vec![
+            id.to_vec(),
+            b"MDPC02".to_vec(),
+            vec![if is_final { 3 } else { 2 }],
+            service.as_bytes().to_vec(),
+        ];
+        frames.extend(body.iter().map(|b| b.to_vec()));
+        self.router.send_multipart(frames, 0).unwrap();
+    }
+
+    fn raw(&self, id: &[u8], frames: &[&[u8]]) {
+        let mut all: Frames = vec![id.to_vec()];
+        all.extend(frames.iter().map(|b| b.to_vec()));
+        self.router.send_multipart(all, 0).unwrap();
+    }
+
+    fn start(&self, id: &[u8], rid: &[u8]) {
+        self.reply(id, false, "tts", &[rid, b"start", START]);
+    }
+
+    fn audio(&self, id: &[u8], rid: &[u8], seq: u32, pcm: &[u8]) {
+        self.reply(id, false, "tts", &[rid, b"audio", &seq.to_be_bytes(), pcm]);
+    }
+
+    fn end(&self, id: &[u8], rid: &[u8]) {
+        self.reply(
+            id,
+            true,
+            "tts",
+            &[rid, b"end", br#"{"samples":2,"ttfa_ms":5.5,"engines":["piper"]}"#],
+        );
+    }
+
+    /// The next command must be a cancel of `rid`.
+    fn expect_cancel(&self, rid: &[u8]) {
+        let (_, service, body) = self.recv_request();
+        assert_eq!(service, "tts.cancel");
+        assert_eq!(body, vec![rid.to_vec()]);
+    }
+}
+
+fn inproc(name: &str) -> (zmq::Context, FakeBroker, String) {
+    let ctx = zmq::Context::new();
+    let (broker, endpoint) = FakeBroker::bind(&ctx, &format!("inproc://{name}"));
+    (ctx, broker, endpoint)
+}
+
+#[test]
+fn two_streams_demultiplexed_in_any_order() {
+    let (ctx, broker, endpoint) = inproc("demux");
+    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let mut a = client.speak(&Request::new("first").language("en")).unwrap();
+    let mut b = client
+        .speak(&Request::new("second").format(SampleFormat::S16le))
+        .unwrap();
+    assert_ne!(a.request_id(), b.request_id());
+    let (id, service, body) = broker.recv_request();
+    assert_eq!(service, "tts");
+    assert_eq!(body.len(), 2);
+    assert_eq!(body[0], a.request_id());
+    assert_eq!(body[1], br#"{"language":"en","text":"first"}"#.to_vec());
+    let (_, _, body_b) = broker.recv_request();
+    assert_eq!(body_b[0], b.request_id());
+    let (ra, rb) = (a.request_id().to_vec(), b.request_id().to_vec());
+
+    // Interleave the two streams, with noise the client must skip.
+    broker.start(&id, &ra);
+    broker.start(&id, &rb);
+    broker.audio(&id, &ra, 0, &[1, 0]);
+    broker.raw(&id, &[b"garbage"]);
+    broker.reply(&id, false, "tts", &[b"unknown-rid", b"audio", &[0, 0, 0, 0], &[0, 0]]);
+    broker.reply(&id, false, "tts", &[&rb, b"progress", b"{}"]);
+    broker.audio(&id, &rb, 0, &[2, 0]);
+    broker.reply(&id, false, "tts", &[&ra, b"mark", br#"{"segment":0,"end":5}"#]);
+    broker.audio(&id, &rb, 1, &[3, 0, 4, 0]);
+    broker.end(&id, &rb);
+    broker.audio(&id, &ra, 1, &[5, 0]);
+    broker.end(&id, &ra);
+
+    // Read b completely first: a's events wait in its queue.
+    let names: Vec<&str> = b.by_ref().map(|e| e.unwrap().name()).collect();
+    assert_eq!(names, ["start", "audio", "audio", "end"]);
+    assert!(b.is_done());
+    assert_eq!(b.stats().and_then(|s| s.ttfa_ms), Some(5.5));
+    assert!(b.ttfa().is_some());
+    assert_eq!(client.in_flight(), 1);
+
+    let mut events = Vec::new();
+    for event in &mut a {
+        events.push(event.unwrap());
+    }
+    assert!(matches!(
+        &events[0],
+        Event::Start {
+            sample_rate: 22050,
+            format: SampleFormat::S16le,
+            ..
+        }
+    ));
+    assert_eq!(
+        events[1],
+        Event::Audio {
+            seq: 0,
+            pcm: vec![1, 0]
+        }
+    );
+    assert_eq!(events[2], Event::Mark { segment: 0, end: 5 });
+    assert_eq!(
+        events[3],
+        Event::Audio {
+            seq: 1,
+            pcm: vec![5, 0]
+        }
+    );
+    assert!(matches!(&events[4], Event::End { stats } if stats.samples == Some(2) && stats.engines == ["piper"]));
+    assert_eq!(events.len(), 5);
+    assert!(a.next().is_none());
+    assert_eq!(client.in_flight(), 0);
+}
+
+#[test]
+fn read_audio_collects_pcm() {
+    let (ctx, broker, endpoint) = inproc("read-audio");
+    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let mut s = client.speak_to("piper.v", &Request::new("x")).unwrap();
+    let (id, service, body) = broker.recv_request();
+    assert_eq!(service, "piper.v");
+    broker.reply(&id, false, "piper.v", &[&body[0], b"start", START]);
+    broker.reply(&id, false, "piper.v", &[&body[0], b"audio", &[0, 0, 0, 0], &[1, 2]]);
+    broker.reply(&id, false, "piper.v", &[&body[0], b"audio", &[0, 0, 0, 1], &[3, 4]]);
+    broker.reply(&id, true, "piper.v", &[&body[0], b"end", b"{}"]);
+    assert_eq!(s.read_audio().unwrap(), vec![1, 2, 3, 4]);
+    assert_eq!(s.audio_spec().map(|a| a.sample_rate), Some(22050));
+}
+
+#[test]
+fn error_final_is_a_typed_error() {
+    let (ctx, broker, endpoint) = inproc("error-final");
+    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let mut s = client.speak(&Request::new(" ")).unwrap();
+    let (id, _, body) = broker.recv_request();
+    broker.reply(
+        &id,
+        true,
+        "tts",
+        &[
+            &body[0],
+            b"error",
+            br#"{"code":"bad_request","message":"text: text is empty"}"#,
+        ],
+    );
+    match s.next() {
+        Some(Err(Error::Tts {
+            code: ErrorCode::BadRequest,
+            message,
+        })) => assert_eq!(message, "text: text is empty"),
+        other => panic!("{other:?}"),
+    }
+    assert!(s.next().is_none());
+    assert!(s.is_done());
+}
+
+#[test]
+fn sequence_gap_fails_the_stream_and_cancels_it() {
+    let (ctx, broker, endpoint) = inproc("gap");
+    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let mut s = client.speak(&Request::new("x")).unwrap();
+    let (id, _, body) = broker.recv_request();
+    let rid = body[0].clone();
+    broker.start(&id, &rid);
+    broker.audio(&id, &rid, 0, &[0, 0]);
+    broker.audio(&id, &rid, 2, &[0, 0]);
+    broker.audio(&id, &rid, 3, &[0, 0]);
+    assert!(matches!(s.next(), Some(Ok(Event::Start { .. }))));
+    assert!(matches!(s.next(), Some(Ok(Event::Audio { seq: 0, .. }))));
+    match s.next() {
+        Some(Err(e @ Error::SequenceGap { expected: 1, got: 2 })) => assert_eq!(e.code(), ErrorCode::Internal),
+        other => panic!("{other:?}"),
+    }
+    assert!(s.next().is_none());
+    broker.expect_cancel(&rid);
+}
+
+#[test]
+fn malformed_event_for_a_stream_is_a_protocol_error() {
+    let (ctx, broker, endpoint) = inproc("malformed");
+    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let mut s = client.speak(&Request::new("x")).unwrap();
+    let (id, _, body) = broker.recv_request();
+    let rid = body[0].clone();
+    broker.reply(&id, false, "tts", &[&rid, b"start", b"{not json"]);
+    assert!(matches!(s.next(), Some(Err(Error::Protocol(_)))));
+    assert!(s.next().is_none());
+    broker.expect_cancel(&rid);
+}
+
+#[test]
+fn cancel_ends_with_cancelled() {
+    let (ctx, broker, endpoint) = inproc("cancel");
+    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let mut s = client.speak(&Request::new("x")).unwrap();
+    let (id, _, body) = broker.recv_request();
+    let rid = body[0].clone();
+    broker.start(&id, &rid);
+    assert!(matches!(s.next(), Some(Ok(Event::Start { .. }))));
+    s.cancel().unwrap();
+    broker.expect_cancel(&rid);
+    broker.reply(&id, true, "tts.cancel", &[&rid, b"cancelled"]);
+    broker.reply(
+        &id,
+        true,
+        "tts",
+        &[
+            &rid,
+            b"error",
+            br#"{"code":"cancelled","message":"cancelled by the client"}"#,
+        ],
+    );
+    match s.next() {
+        Some(Err(e)) => assert!(e.is_cancelled(), "{e}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn dropping_an_unfinished_stream_cancels_it() {
+    let (ctx, broker, endpoint) = inproc("drop");
+    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let s = client.speak(&Request::new("x")).unwrap();
+    let (id, _, body) = broker.recv_request();
+    drop(s);
+    broker.expect_cancel(&body[0]);
+    assert_eq!(client.in_flight(), 0);
+    // Late replies for it are ignored.
+    broker.end(&id, &body[0]);
+    assert!(matches!(
+        client.service_ready("tts", Duration::from_millis(50)),
+        Err(Error::Timeout { .. })
+    ));
+}
+
+#[test]
+fn silence_is_a_timeout_and_cancels() {
+    let (ctx, broker, endpoint) = inproc("timeout");
+    let client = Client::connect_with_context(&ctx, &endpoint)
+        .unwrap()
+        .with_timeout(Duration::from_millis(200))
+        .unwrap();
+    let mut s = client.speak(&Request::new("x")).unwrap();
+    let (_, _, body) = broker.recv_request();
+    let t0 = Instant::now();
+    match s.next() {
+        Some(Err(e @ Error::Timeout { .. })) => assert_eq!(e.code(), ErrorCode::Timeout),
+        other => panic!("{other:?}"),
+    }
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    assert!(s.next().is_none());
+    broker.expect_cancel(&body[0]);
+}
+
+#[test]
+fn mmi_readiness_and_status() {
+    let (ctx, broker, endpoint) = inproc("mmi");
+    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    // No answer: a timeout.
+    assert!(matches!(
+        client.service_ready("tts", Duration::from_millis(50)),
+        Err(Error::Timeout { .. })
+    ));
+    let (_, service, body) = broker.recv_request();
+    assert_eq!((service.as_str(), body), ("mmi.service", vec![b"tts".to_vec()]));
+
+    // Answer "404" then "200": wait_ready polls until ready.
+    let handle = std::thread::spawn(move || {
+        for answer in [&b"404"[..], &b"200"[..]] {
+            let (id, service, body) = broker.recv_request();
+            assert_eq!(service, "mmi.service");
+            assert_eq!(body, vec![b"tts".to_vec()]);
+            broker.reply(&id, true, "mmi.service", &[answer]);
+        }
+        let (id, service, _) = broker.recv_request();
+        assert_eq!(service, "tts.status");
+        broker.reply(&id, true, "tts.status", &[br#"{"inflight":0}"#]);
+        broker
+    });
+    assert!(client.wait_ready("tts", Duration::from_secs(5)).unwrap());
+    assert_eq!(client.status(Duration::from_secs(5)).unwrap()["inflight"], 0);
+    handle.join().unwrap();
+}
+
+#[test]
+fn invalid_service_names_are_refused_locally() {
+    let (ctx, _broker, endpoint) = inproc("names");
+    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    assert!(matches!(
+        client.speak_to("has space", &Request::new("x")),
+        Err(Error::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        client.speak_to("", &Request::new("x")),
+        Err(Error::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        client.call("mmi.service", &[], Duration::from_millis(10)),
+        Err(Error::InvalidRequest(_))
+    ));
+}
+
+#[test]
+fn lost_connection_fails_streams_in_flight() {
+    let ctx = zmq::Context::new();
+    let (broker, endpoint) = FakeBroker::bind(&ctx, "tcp://127.0.0.1:*");
+    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let mut s = client.speak(&Request::new("x")).unwrap();
+    let (id, _, body) = broker.recv_request();
+    broker.start(&id, &body[0]);
+    assert!(matches!(s.next(), Some(Ok(Event::Start { .. }))));
+    drop(broker); // the broker goes away
+    let t0 = Instant::now();
+    match s.next() {
+        Some(Err(e @ Error::ConnectionLost { .. })) => assert_eq!(e.code(), ErrorCode::Unavailable),
+        other => panic!("{other:?}"),
+    }
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(s.next().is_none());
+}
