@@ -45,6 +45,8 @@ class BrokerConfig(_Strict):
     default_language: str = "en"
     stuck_timeout_ms: int = Field(default=10_000, ge=100)
     """A busy worker that sends nothing back for this long is failed over."""
+    max_failovers: int = Field(default=3, ge=0, le=100)
+    """A request that has failed this many workers ends with ``internal``."""
 
 
 class RoutingConfig(_Strict):
@@ -133,6 +135,7 @@ class Config(_Strict):
             known_voices=frozenset(v for w in self.workers if w.count > 0 for v in w.voice_names),
             chains=self.routing.parsed(),
             stuck_timeout_s=b.stuck_timeout_ms / 1000,
+            max_failovers=b.max_failovers,
         )
 
 

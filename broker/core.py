@@ -146,10 +146,9 @@ class Job:
     failover_reason: Optional[str] = None
     """Set while a failed-over job waits for its next worker's ``start``."""
     last_error: Optional[tuple[str, str]] = None
+    """The last engine error, reported if the chain runs out."""
     progress: float = 0.0
     """When the current worker last replied (or got the job)."""
-    step_voice: Optional[str] = None
-    """Voice the current chain step asks for (an XTTS speaker), if any."""
     dispatch_started: bool = False
     """The current worker has sent its ``start``."""
 
@@ -244,7 +243,10 @@ class BrokerCore:
     def _expire(self, job: Job, out: list[Action]) -> None:
         self.counters["expired"] += 1
         if job.rid is not None and not self._routable(job):
-            self._finish(job, out, tts.error_body(job.rid, tts.UNAVAILABLE, "no live engine worker can serve this request"))
+            code, msg = tts.UNAVAILABLE, "no live engine worker can serve this request"
+            if job.last_error is not None:
+                msg += f" (the last one answered {job.last_error[0]}: {job.last_error[1]})"
+            self._finish(job, out, tts.error_body(job.rid, code, msg))
         else:
             msg = f"no worker became free within {self.s.request_timeout_s:g}s"
             self._finish(job, out, self._error_body(job.rid, tts.TIMEOUT, msg))
