@@ -85,3 +85,19 @@ def test_demo_main_job(tmp_path: Path) -> None:
     assert "time to first audio" in r.stdout and "real-time factor" in r.stdout
     info = soundfile.info(str(out))
     assert info.samplerate == 22050 and info.duration > 3
+
+
+def test_readme_configuration_reference_is_a_valid_config(tmp_path: Path) -> None:
+    """The README's config reference must stay in step with the schema."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Configuration reference", 1)[1]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    cfg = load_config(_cfg(tmp_path, block))
+    assert cfg.broker.stuck_timeout_ms == 10000 and cfg.broker.client_hwm == 10000
+    assert [w.engine for w in cfg.workers] == ["piper", "xtts"]
+    assert cfg.core_settings().chains["pt"][1].voice == "narrator"
+    documented = {line.split("=")[0].strip() for line in block.splitlines() if "=" in line and not line.startswith("#")}
+    from broker.config import BrokerConfig, WorkerConfig
+
+    assert set(BrokerConfig.model_fields) <= documented, set(BrokerConfig.model_fields) - documented
+    assert set(WorkerConfig.model_fields) <= documented, set(WorkerConfig.model_fields) - documented
