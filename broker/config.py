@@ -77,6 +77,8 @@ class WorkerConfig(_Strict):
     """XTTS: cloned speakers, name → reference WAV."""
     default_speaker: Optional[str] = None
     """XTTS: speaker used when a request names none (default: the first)."""
+    stream_mode: Literal["auto", "frames", "sentence"] = "auto"
+    """Piper: decode by frames (first audio in constant time), by sentence, or whichever is faster here."""
     stream_chunk_size: int = Field(default=20, ge=1, le=400)
     """XTTS: GPT tokens per streamed chunk (smaller: sooner first audio, more overhead)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -53,7 +53,7 @@ def worker_argv(cfg: Config, w: WorkerConfig) -> list[str]:
         if w.default_speaker:
             argv += ["--default-speaker", w.default_speaker]
     else:
-        argv += ["--voice", w.voice]
+        argv += ["--voice", w.voice, "--stream-mode", w.stream_mode]
         for d in cfg.voice_dirs:
             argv += ["--voice-dir", d]
     return argv

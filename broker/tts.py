@@ -83,6 +83,8 @@ class SynthesisRequest(BaseModel):
     """Audio per chunk in milliseconds (the last chunk of a sentence may be shorter)."""
     speed: float = Field(default=1.0, gt=0.25, le=4.0)
     """Speaking rate multiplier: 2.0 speaks twice as fast."""
+    stream: Optional[Literal["frames", "sentence"]] = None
+    """Piper: decode by frames (first audio in constant time) or by sentence; default the worker's."""
 
     @field_validator("text")
     @classmethod

@@ -1,5 +1,11 @@
 """Piper engine: one ONNX voice, loaded once per worker process.
 
+Two ways to stream a sentence: *sentence* mode runs the whole voice once per
+sentence (piper-tts's own path: first audio after the whole sentence), *frames*
+mode runs the voice split in two (``engines/vits_split.py``): the frontend once,
+then the decoder window by window, so first audio comes in constant time
+whatever the sentence's length. Both use piper-tts's phonemes and ids.
+
 Run standalone (possibly on another host) with::
 
     python -m engines.piper --backend tcp://BROKER:5556 --voice en_US-joe-medium
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -17,9 +24,16 @@ from piper import PiperVoice, SynthesisConfig
 
 from broker.tts import SynthesisRequest
 from engines.base import Engine
+from engines.vits_split import FrameStreamer
 from models.registry import DEFAULT_PIPER_VOICE, resolve_piper_voice
 
 log = logging.getLogger("engines.piper")
+
+_CALIBRATION = "The quick brown fox jumps over the lazy dog. Roll for initiative! Where did the dragon go?"
+_LONG_SENTENCE = (
+    "In the flickering torchlight the old cartographer unrolled a brittle map across the oak table, "
+    "tracing with one trembling finger the forgotten road that wound past the drowned village."
+)
 
 CUDA = "CUDAExecutionProvider"
 
@@ -45,7 +59,9 @@ def pick_device(device: str) -> bool:
 class PiperEngine(Engine):
     engine = "piper"
 
-    def __init__(self, voice: str = DEFAULT_PIPER_VOICE, device: str = "auto", voice_dirs: Sequence[str] = ()) -> None:
+    def __init__(
+        self, voice: str = DEFAULT_PIPER_VOICE, device: str = "auto", voice_dirs: Sequence[str] = (), stream_mode: str = "auto"
+    ) -> None:
         files = resolve_piper_voice(voice, voice_dirs)
         use_cuda = pick_device(device)
         log.info("loading Piper voice %s from %s (device %s)", files.name, files.model, "cuda" if use_cuda else "cpu")
@@ -63,6 +79,68 @@ class PiperEngine(Engine):
         # The first inference pays for onnxruntime's lazy set-up; pay it now.
         for _ in self.voice.synthesize("Ready."):
             pass
+        self.frames: Optional[FrameStreamer] = None
+        self.frame_gain = 1.0
+        self.stream_mode = "sentence"
+        if stream_mode != "sentence":
+            try:
+                self.frames = FrameStreamer.load(files.model, providers)
+            except ValueError as exc:  # not a VITS graph we can cut
+                if stream_mode == "frames":
+                    raise
+                log.warning("voice %s cannot stream by frames (%s); streaming by sentence", files.name, exc)
+        if self.frames is not None:
+            self.frame_gain = self._calibrate_gain()
+            self.stream_mode = stream_mode if stream_mode != "auto" else self._faster_mode()
+        log.info("Piper voice %s streams by %s", files.name, "frames" if self.stream_mode == "frames" else "sentence")
+
+    # ---------------------------------------------------------- frame mode
+
+    def _feeds(self, phonemes: list[str], speed: float) -> dict[str, np.ndarray]:
+        cfg = self.voice.config
+        ids = self.voice.phonemes_to_ids(phonemes)
+        return {
+            "input": np.array([ids], dtype=np.int64),
+            "input_lengths": np.array([len(ids)], dtype=np.int64),
+            "scales": np.array([cfg.noise_scale, (cfg.length_scale or 1.0) / speed, cfg.noise_w_scale], dtype=np.float32),
+        }
+
+    def _calibrate_gain(self) -> float:
+        """Piper scales each sentence to full scale, which needs the whole sentence; frame mode
+        uses instead one gain for the voice: the median of those scalings over a few sentences."""
+        assert self.frames is not None
+        gains = []
+        for phonemes in self.voice.phonemize(_CALIBRATION):
+            audio = np.concatenate(list(self.frames.stream(self.frames.latents(self._feeds(phonemes, 1.0)))))
+            gains.append(1.0 / max(float(np.abs(audio).max()), 1e-3))
+        return float(np.median(gains))
+
+    def _faster_mode(self) -> str:
+        """``auto``: whichever gives first audio sooner for a long sentence on this machine."""
+        def first(chunks: Iterator[np.ndarray]) -> float:
+            t0 = time.perf_counter()
+            next(iter(chunks))
+            return time.perf_counter() - t0
+
+        req = SynthesisRequest(text=_LONG_SENTENCE)
+        sentence = min(first(self._speak_sentences(_LONG_SENTENCE, req)) for _ in range(2))
+        frames = min(first(self._speak_frames(_LONG_SENTENCE, req)) for _ in range(2))
+        log.info("first audio of a long sentence: %.0f ms by sentence, %.0f ms by frames", sentence * 1000, frames * 1000)
+        return "frames" if frames < sentence else "sentence"
+
+    def _speak_frames(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
+        assert self.frames is not None
+        for phonemes in self.voice.phonemize(text):
+            if phonemes:
+                latents = self.frames.latents(self._feeds(phonemes, request.speed))
+                for audio in self.frames.stream(latents):
+                    yield audio * self.frame_gain
+
+    def _speak_sentences(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
+        config = SynthesisConfig(length_scale=(self.voice.config.length_scale or 1.0) / request.speed)
+        # espeak may split a sentence further; each piece is one model run.
+        for chunk in self.voice.synthesize(text, config):
+            yield chunk.audio_float_array
 
     @property
     def service(self) -> str:
@@ -78,13 +156,18 @@ class PiperEngine(Engine):
         return self.files.name
 
     def capabilities(self) -> dict:
-        return {**super().capabilities(), "voice": self.files.name, "device": "cuda" if CUDA in self.providers else "cpu"}
+        return {
+            **super().capabilities(),
+            "voice": self.files.name,
+            "device": "cuda" if CUDA in self.providers else "cpu",
+            "stream": self.stream_mode,
+        }
 
     def speak(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
-        config = SynthesisConfig(length_scale=(self.voice.config.length_scale or 1.0) / request.speed)
-        # espeak may split a sentence further; each piece is one model run.
-        for chunk in self.voice.synthesize(text, config):
-            yield chunk.audio_float_array
+        mode = request.stream or self.stream_mode
+        if mode == "frames" and self.frames is not None:
+            return self._speak_frames(text, request)
+        return self._speak_sentences(text, request)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -95,8 +178,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--voice", default=DEFAULT_PIPER_VOICE, help="bundled voice name, voice-dir name, or path to a .onnx")
     parser.add_argument("--voice-dir", action="append", default=[], help="directory with NAME.onnx voices (repeatable)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--stream-mode", default="auto", choices=["auto", "frames", "sentence"],
+        help="frames: first audio in constant time (split graph); sentence: one model run per sentence; auto: the faster here",
+    )
     args = parser.parse_args(argv)
-    run_worker(args, lambda: PiperEngine(args.voice, args.device, args.voice_dir))
+    run_worker(args, lambda: PiperEngine(args.voice, args.device, args.voice_dir, args.stream_mode))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,161 @@
+"""Frame-level streaming for Piper (VITS) voices: the ONNX graph cut in two.
+
+A VITS voice is a *frontend* (text encoder, duration predictor, alignment,
+prior sampling: all of the sentence at once, so prosody stays whole) feeding a
+*decoder* (normalising flow + HiFi-GAN) that is local in time: each output
+frame depends on a bounded window of latent frames. So the frontend runs once
+per sentence and the decoder runs on overlapping windows of its output; each
+window's margins are decoded and thrown away, and the kept parts concatenate
+to the whole-sentence decode (within ~1e-5 with 40-frame margins on the
+bundled voice; ``tests/test_vits_split.py`` checks it).
+
+The seam is found from the graph, not from names: the prior's noise is the
+last ``RandomNormalLike``; the first ``Add`` after it makes ``z_p``, the flow's
+input. Every tensor the decoder side reads from the frontend side (``z_p`` and
+the frame mask) becomes a frontend output. The two graphs are cut with
+``onnx.utils.Extractor`` and cached on disk, keyed by the voice file's content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import onnxruntime
+
+log = logging.getLogger("engines.vits_split")
+
+MARGIN = 40
+"""Latent frames decoded on each side of a window and discarded (32 is the least exact on the bundled voice)."""
+SCHEDULE = (16, 32, 64, 128, 256)
+"""Window sizes in latent frames: the first as small as the margins allow, then growing (the last repeats)."""
+HOP = 256
+"""Output samples per latent frame (Piper voices upsample 8·8·4)."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tts-broker" / "piper-split"
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:24]
+
+
+def split_model(model: Path, cache: Path | None = None) -> tuple[Path, Path, list[str]]:
+    """Frontend and decoder graphs for a voice (cut once, then read from the cache) and the seam tensors."""
+    out = (cache or cache_dir()) / _digest(model)
+    meta = out / "split.json"
+    if meta.is_file():
+        return out / "frontend.onnx", out / "decoder.onnx", json.loads(meta.read_text())["seam"]
+    import onnx
+    from onnx import shape_inference
+
+    log.info("splitting %s for frame streaming (once; cached in %s)", model.name, out)
+    graph_model = shape_inference.infer_shapes(onnx.load(str(model)), data_prop=True)
+    graph = graph_model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    noise = [n for n in graph.node if n.op_type == "RandomNormalLike"]
+    if not noise:
+        raise ValueError(f"{model}: no RandomNormalLike node; not a VITS voice")
+    z_p = _first_add_after(noise[-1], consumers)
+
+    def ancestors(tensors: Sequence[str]) -> set[int]:
+        seen: set[int] = set()
+        todo = deque(tensors)
+        while todo:
+            node = producer.get(todo.popleft())
+            if node is not None and id(node) not in seen:
+                seen.add(id(node))
+                todo.extend(node.input)
+        return seen
+
+    front = ancestors([z_p])
+    back = ancestors([o.name for o in graph.output]) - front
+    initializers = {i.name for i in graph.initializer}
+    seam = sorted(
+        {i for n in graph.node if id(n) in back for i in n.input if i and i not in initializers and id(producer.get(i)) in front}
+        | {z_p}
+    )
+    inputs = [i.name for i in graph.input if i.name not in initializers]
+    extractor = onnx.utils.Extractor(graph_model)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx.save(extractor.extract_model(inputs, seam), str(out / "frontend.onnx"))
+    onnx.save(extractor.extract_model(seam, [o.name for o in graph.output]), str(out / "decoder.onnx"))
+    meta.write_text(json.dumps({"model": str(model), "seam": seam}))
+    return out / "frontend.onnx", out / "decoder.onnx", seam
+
+
+def _first_add_after(node, consumers: dict) -> str:  # type: ignore[no-untyped-def]
+    todo = deque(node.output)
+    seen = set()
+    while todo:
+        tensor = todo.popleft()
+        for c in consumers.get(tensor, ()):
+            if c.op_type == "Add":
+                return c.output[0]
+            if c.name not in seen:
+                seen.add(c.name)
+                todo.extend(c.output)
+    raise ValueError("no Add after the prior noise: cannot find z_p")
+
+
+@dataclass
+class FrameStreamer:
+    """Runs a split voice: the frontend once per sentence, the decoder window by window."""
+
+    frontend: onnxruntime.InferenceSession
+    decoder: onnxruntime.InferenceSession
+    seam: list[str]
+    margin: int = MARGIN
+    schedule: Sequence[int] = SCHEDULE
+
+    @classmethod
+    def load(cls, model: Path, providers: list[str], cache: Path | None = None) -> "FrameStreamer":
+        front, dec, seam = split_model(model, cache)
+        opts = onnxruntime.SessionOptions()
+        return cls(
+            onnxruntime.InferenceSession(str(front), opts, providers=providers),
+            onnxruntime.InferenceSession(str(dec), opts, providers=providers),
+            seam,
+        )
+
+    def latents(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The frontend's outputs (``z_p``, mask…) for one sentence."""
+        return dict(zip(self.seam, self.frontend.run(self.seam, feeds)))
+
+    def frames(self, latents: dict[str, np.ndarray]) -> int:
+        return int(max(v.shape[-1] for v in latents.values()))
+
+    def decode(self, latents: dict[str, np.ndarray], start: int, end: int) -> np.ndarray:
+        """Audio of latent frames ``[start, end)``, decoded with margins that are then dropped."""
+        total = self.frames(latents)
+        lo, hi = max(0, start - self.margin), min(total, end + self.margin)
+        feeds = {k: v[..., lo:hi] if v.shape[-1] == total else v for k, v in latents.items()}
+        audio = self.decoder.run(None, feeds)[0].reshape(-1)
+        return audio[(start - lo) * HOP : (end - lo) * HOP]
+
+    def stream(self, latents: dict[str, np.ndarray]) -> Iterator[np.ndarray]:
+        """The sentence's audio, window after window, by the schedule."""
+        total = self.frames(latents)
+        start = step = 0
+        while start < total:
+            end = min(total, start + self.schedule[min(step, len(self.schedule) - 1)])
+            yield self.decode(latents, start, end)
+            start, step = end, step + 1
