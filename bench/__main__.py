@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     step("relay", lambda: relay.run(rounds=5 if q else 20, per_round=300))
     step("ttfa_piper", lambda: ttfa.run_piper(reps=15 if q else 40))
+    step("piper_modes", lambda: ttfa.run_piper_modes(reps=5 if q else 15))
     if not a.skip_xtts:
         step("ttfa_xtts", lambda: ttfa.run_xtts(reps=4 if q else 15))
     step("throughput", lambda: throughput.run([1, 8, 32, 64] if q else [1, 4, 8, 16, 32, 64, 128], seconds=3 if q else 10))
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         "failover_gap_ms": results["failover_kill"]["failover_gap_ms"],
         "failover_gap_sigstop_ms": results["failover_stop"]["failover_gap_ms"],
         "xtts_ttfa_ratio": results.get("ttfa_xtts", {}).get("ttfa_ratio"),
+        "long_sentence_ttfa_ratio": results["piper_modes"]["long_sentence_ttfa_ratio"],
+        "short_sentence_ttfa_ratio": results["piper_modes"]["short_sentence_ttfa_ratio"],
+        "frames_underruns": results["piper_modes"]["frames_underruns"],
     }
     headline["goals_met"] = {
         k: (headline[k] <= v if op == "<=" else headline[k] >= v) for k, (op, v) in GOALS.items()

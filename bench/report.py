@@ -104,6 +104,19 @@ def _table(results: dict[str, Any], goals: dict[str, tuple[str, float]]) -> str:
         "",
         "![TTFA](ttfa.png)",
         "",
+        "### Piper: frame streaming versus sentence streaming (same worker, through the broker)",
+        "",
+        "| case | frames ms | sentence ms | ratio |",
+        "|---|---|---|---|",
+        *[
+            f"| {case} first sentence | {results['piper_modes'][f'{case}_frames_ttfa_ms']} | "
+            f"{results['piper_modes'][f'{case}_sentence_ttfa_ms']} | {results['piper_modes'][f'{case}_sentence_ttfa_ratio']} |"
+            for case in ("long", "short")
+        ],
+        "",
+        f"Underruns in frame mode at real-time playback: {results['piper_modes']['frames_underruns']} "
+        "(a chunk arriving after the audio before it had finished playing).",
+        "",
         "## Throughput (20 ms chunks, synthetic workers)",
         "",
         "| streams | chunks/s | p50 latency ms | p99 latency ms | broker RSS MB |",

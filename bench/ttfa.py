@@ -128,3 +128,61 @@ def run_xtts(reps: int = 5) -> dict[str, Any]:
                     broker.append(_through_broker(client, XTTS_TEXT, language="pt", sample_rate=24000))
                     time.sleep(SETTLE_S)
     return {"text": XTTS_TEXT, "model": "tiny random-weight fixture, CPU", "stream_chunk_size": XTTS_CHUNK, **_summarise(direct, broker)}
+
+
+LONG_SENTENCE = (
+    "In the flickering torchlight the old cartographer unrolled a brittle map across the oak table, tracing with "
+    "one trembling finger the forgotten road that wound past the drowned village, through the whispering marshes, "
+    "and up into the mountains where no traveller had returned for a hundred years."
+)
+SHORT_FIRST = "Halt! The bridge ahead is out, and the river below runs fast and cold tonight."
+
+
+def _paced(client: TtsClient, text: str, stream: str) -> tuple[float, int]:
+    """(ttfa s, underruns): an underrun is a chunk that arrives after the audio before it has finished
+    playing, playback starting at the first chunk, in real time."""
+    t0 = time.perf_counter()
+    s = client.speak(text, stream=stream)
+    first = None
+    played = 0.0
+    underruns = 0
+    for event in s:
+        if isinstance(event, Audio):
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            elif now > first + played:
+                underruns += 1
+            played += len(event.pcm) / 2 / s.start.sample_rate  # type: ignore[union-attr]
+    assert first is not None
+    return first - t0, underruns
+
+
+def run_piper_modes(reps: int = 6) -> dict[str, Any]:
+    """Frame versus sentence streaming through the broker, same worker, interleaved."""
+    fe, be = endpoint(), endpoint()
+    rows: dict[str, dict[str, list[tuple[float, int]]]] = {
+        "long": {"frames": [], "sentence": []},
+        "short": {"frames": [], "sentence": []},
+    }
+    with processes(["-m", "broker", "--frontend", fe, "--backend", be, "--log-level", "WARNING"],
+                   ["-m", "engines.piper", "--backend", be, "--device", "cpu", "--stream-mode", "frames", "--log-level", "WARNING"]):
+        with TtsClient(fe, timeout=120) as client:
+            assert client.wait_ready(timeout=120)
+            _through_broker(client, "Warm up.")
+            for _ in range(reps):
+                for case, text in (("long", LONG_SENTENCE), ("short", SHORT_FIRST)):
+                    for mode in ("frames", "sentence"):
+                        rows[case][mode].append(_paced(client, text, mode))
+                        time.sleep(SETTLE_S)
+
+    def med(case: str, mode: str) -> float:
+        return round(statistics.median(r[0] for r in rows[case][mode]) * 1000, 1)
+
+    out: dict[str, Any] = {"long_text": LONG_SENTENCE, "short_text": SHORT_FIRST, "reps": reps}
+    for case in rows:
+        for mode in rows[case]:
+            out[f"{case}_{mode}_ttfa_ms"] = med(case, mode)
+        out[f"{case}_sentence_ttfa_ratio"] = round(med(case, "frames") / med(case, "sentence"), 3)
+    out["frames_underruns"] = sum(r[1] for case in rows for r in rows[case]["frames"])
+    return out

@@ -29,6 +29,8 @@ from models.registry import DEFAULT_PIPER_VOICE, resolve_piper_voice
 
 log = logging.getLogger("engines.piper")
 
+_SHORT_IDS = 40
+"""Phoneme ids (a few words) up to which frame mode runs the whole voice at once."""
 _CALIBRATION = "The quick brown fox jumps over the lazy dog. Roll for initiative! Where did the dragon go?"
 _LONG_SENTENCE = (
     "In the flickering torchlight the old cartographer unrolled a brittle map across the oak table, "
@@ -131,10 +133,15 @@ class PiperEngine(Engine):
     def _speak_frames(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
         assert self.frames is not None
         for phonemes in self.voice.phonemize(text):
-            if phonemes:
-                latents = self.frames.latents(self._feeds(phonemes, request.speed))
-                for audio in self.frames.stream(latents):
-                    yield audio * self.frame_gain
+            if not phonemes:
+                continue
+            feeds = self._feeds(phonemes, request.speed)
+            if feeds["input"].shape[1] <= _SHORT_IDS:
+                # Too short to gain from windows: one run of the whole voice is cheaper than two graphs.
+                yield self.voice.session.run(None, feeds)[0].reshape(-1) * self.frame_gain
+                continue
+            for audio in self.frames.stream(self.frames.latents(feeds)):
+                yield audio * self.frame_gain
 
     def _speak_sentences(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
         config = SynthesisConfig(length_scale=(self.voice.config.length_scale or 1.0) / request.speed)
