@@ -22,6 +22,9 @@ GOALS = {
     "ttfa_ratio": ("<=", 1.10),
     "chunks_per_s": (">=", 20_000),
     "failover_gap_ms": ("<=", 1000),
+    "long_sentence_ttfa_ratio": ("<=", 0.25),
+    "short_sentence_ttfa_ratio": ("<=", 1.0),
+    "frames_underruns": ("<=", 0),
 }
 
 
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     step("relay", lambda: relay.run(rounds=5 if q else 20, per_round=300))
     step("ttfa_piper", lambda: ttfa.run_piper(reps=15 if q else 40))
-    step("piper_modes", lambda: ttfa.run_piper_modes(reps=5 if q else 15))
+    step("piper_modes", lambda: ttfa.run_piper_modes(reps=10 if q else 25))
     if not a.skip_xtts:
         step("ttfa_xtts", lambda: ttfa.run_xtts(reps=4 if q else 15))
     step("throughput", lambda: throughput.run([1, 8, 32, 64] if q else [1, 4, 8, 16, 32, 64, 128], seconds=3 if q else 10))
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     headline = {
         "relay_overhead_ratio": results["relay"]["relay_overhead_ratio"],
         "ttfa_ratio": results["ttfa_piper"]["ttfa_ratio"],
+        "ttfa_ratio_sentence_mode": results["ttfa_piper"]["sentence_mode"]["ttfa_ratio"],
         "chunks_per_s": results["throughput"]["chunks_per_s"],
         "failover_gap_ms": results["failover_kill"]["failover_gap_ms"],
         "failover_gap_sigstop_ms": results["failover_stop"]["failover_gap_ms"],

