@@ -264,12 +264,12 @@ class WorkerRuntime:
                     seq += 1
                     samples += len(pcm) // width
 
-            for start, end in split_sentences(request.text, self.engine.max_chars(request.language)):
-                for audio in self.engine.speak(request.text[start:end], request):
+            for lo, hi in split_sentences(request.text, self.engine.max_chars(request.language)):
+                for audio in self.engine.speak(request.text[lo:hi], request):
                     send(encoder.push(audio))
                 send(encoder.end_segment())
-                # Everything before `end` has been sent: a failover resumes here.
-                emit(_PARTIAL, [job.rid, b"mark", json.dumps({"end": end}).encode()])
+                # Everything before `hi` has been sent: a failover resumes here.
+                emit(_PARTIAL, [job.rid, b"mark", json.dumps({"end": hi}).encode()])
                 sentences += 1
             elapsed = time.monotonic() - t0
             audio_s = samples / rate
