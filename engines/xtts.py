@@ -126,6 +126,8 @@ class XttsEngine(Engine):
             if not path.is_file():
                 raise ModelDirError(f"reference WAV for speaker {name!r} not found: {path}")
         self._latents: dict[str, tuple[Any, Any]] = {}
+        self._keys: dict[str, tuple[tuple[int, int], str]] = {}
+        """Per clone: (size, mtime) of its reference when hashed, and its cache key."""
         self._fingerprint = _file_digest(self.model_dir / "model.pth", limit=1 << 20)[:16]
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         names = self.voices()
@@ -164,7 +166,12 @@ class XttsEngine(Engine):
             s = self._builtin[name]
             return s["gpt_cond_latent"], s["speaker_embedding"]
         path = self._clones[name]
-        key = f"{_file_digest(path)[:32]}-{self._fingerprint}"
+        st = path.stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+        known = self._keys.get(name)
+        if known is None or known[0] != stamp:  # hash a reference only when it is new or changed
+            known = self._keys[name] = (stamp, f"{_file_digest(path)[:32]}-{self._fingerprint}")
+        key = known[1]
         if key in self._latents:
             return self._latents[key]
         cached = self.cache_dir / f"{key}.pt"
