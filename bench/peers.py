@@ -21,6 +21,7 @@ import argparse
 import json
 import struct
 import time
+from typing import Iterator
 
 import zmq
 
@@ -34,11 +35,12 @@ def audio_payload(nbytes: int) -> bytes:
     return struct.pack("<q", time.perf_counter_ns()) + bytes(max(0, nbytes - 8))
 
 
-def replies(service: bytes, rid: bytes, chunks: int, nbytes: int) -> list[list[bytes]]:
-    out = [[CLIENT, b"\x02", service, rid, b"start", START]]
-    out += [[CLIENT, b"\x02", service, rid, b"audio", struct.pack(">I", i), audio_payload(nbytes)] for i in range(chunks)]
-    out.append([CLIENT, b"\x03", service, rid, b"end", END])
-    return out
+def replies(service: bytes, rid: bytes, chunks: int, nbytes: int) -> Iterator[list[bytes]]:
+    """The messages of one answer, each audio chunk stamped as it is about to be sent."""
+    yield [CLIENT, b"\x02", service, rid, b"start", START]
+    for i in range(chunks):
+        yield [CLIENT, b"\x02", service, rid, b"audio", struct.pack(">I", i), audio_payload(nbytes)]
+    yield [CLIENT, b"\x03", service, rid, b"end", END]
 
 
 def run_direct(endpoint: str, chunks: int, nbytes: int) -> None:

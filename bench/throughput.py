@@ -1,7 +1,8 @@
 """Sustained chunk throughput and chunk latency with many concurrent streams.
 
-One broker, one process of synthetic engine workers (one MDP worker per
-concurrent stream, each answering with 50 × 20 ms chunks as fast as it can),
+One broker, one process of synthetic engine workers (as many MDP workers as
+the most concurrent streams measured, each answering with 50 × 20 ms chunks as
+fast as it can),
 and this process as the clients: each client keeps one stream in flight and
 asks for the next as soon as one ends. Chunk latency is the time from the
 worker's send (stamped in the PCM) to the client's receipt.

@@ -129,9 +129,11 @@ def cmd_status(a: argparse.Namespace) -> int:
         return 0
     for name, svc in sorted(st["services"].items()):
         kind = f"{svc['engine']} {','.join(svc['languages'] or [])}" if svc["tts"] else "mdp"
-        print(f"{name}  [{kind}]  workers {len(svc['workers'])} (idle {svc['idle']})  failures {svc['failures']}")
+        print(f"{name}  [{kind}]  workers {len(svc['workers'])} (idle {svc['idle']}, in flight {svc['inflight']})  failures {svc['failures']}")
+        if svc["last_failure"]:
+            print(f"    last failure: {svc['last_failure']}")
         for w in svc["workers"]:
-            print(f"    {w['id']}  pid {w['pid']}  {'busy' if w['busy'] else 'idle'}  served {w['served']}")
+            print(f"    {w['id']}  pid {w['pid']} on {w['host']}  {'busy' if w['busy'] else 'idle'}  served {w['served']}")
     print(f"waiting {st['waiting']}  in flight {st['inflight']}  counters {st['counters']}")
     return 0
 

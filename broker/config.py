@@ -36,13 +36,14 @@ class BrokerConfig(_Strict):
     heartbeat_ms: int = Field(default=250, ge=10, le=60_000)
     liveness: int = Field(default=3, ge=1, le=100)
     request_timeout_ms: int = Field(default=10_000, ge=1, le=3_600_000)
-    max_text_chars: int = Field(default=5000, ge=1, le=1_000_000)
+    max_text_chars: int = Field(default=5000, ge=1, le=100_000)
     max_message_bytes: int = Field(default=1 << 20, ge=1024)
     max_queue: int = Field(default=1000, ge=1)
     max_inflight_per_client: int = Field(default=64, ge=1)
     client_hwm: int = Field(default=10_000, ge=10)
     """Messages queued toward one client before it counts as stalled and its streams are cancelled."""
-    default_language: str = "en"
+    default_language: str = Field(default="en", pattern=r"^[a-z]{2,3}$")
+    """A primary language subtag."""
     stuck_timeout_ms: int = Field(default=10_000, ge=100)
     """A busy worker that sends nothing back for this long is failed over."""
     max_failovers: int = Field(default=3, ge=0, le=100)
@@ -89,8 +90,11 @@ class WorkerConfig(_Strict):
     def _engine_keys(self) -> "WorkerConfig":
         if self.engine == "xtts" and not self.model_dir:
             raise ValueError("an xtts worker needs model_dir")
-        if self.engine == "piper" and (self.model_dir or self.speakers or self.default_speaker):
-            raise ValueError("model_dir, speakers and default_speaker are for xtts workers")
+        given = self.model_fields_set
+        if self.engine == "piper" and given & {"model_dir", "speakers", "default_speaker", "stream_chunk_size"}:
+            raise ValueError("model_dir, speakers, default_speaker and stream_chunk_size are for xtts workers")
+        if self.engine == "xtts" and given & {"voice", "stream_mode"}:
+            raise ValueError("voice and stream_mode are for piper workers (xtts speakers go in speakers)")
         return self
 
     @property
@@ -107,7 +111,7 @@ class Config(_Strict):
     workers: list[WorkerConfig] = Field(default_factory=lambda: [WorkerConfig()])
     voice_dirs: list[str] = Field(default_factory=list)
     """Extra directories searched for ``NAME.onnx`` voices."""
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     use_xtts_fallback: bool = False
     """The original plan's keys: add an XTTS worker on ``xtts_model_path``…"""
     xtts_model_path: Optional[str] = None

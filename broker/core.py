@@ -151,6 +151,8 @@ class Job:
     """When the current worker last replied (or got the job)."""
     dispatch_started: bool = False
     """The current worker has sent its ``start``."""
+    prefer: Optional[str] = None
+    """Service to try first: the one whose worker just failed the job."""
 
 
 @dataclass(eq=False)
@@ -328,6 +330,10 @@ class BrokerCore:
             out.append(Action(True, identity, mdp.DISCONNECT_FRAMES))
             return
         caps = _valid_caps(cmd.capabilities)
+        if caps is None and name.startswith(ENGINE_SERVICE_PREFIXES):
+            log.warning("worker %s registered engine service %s without TTS capabilities", identity.hex(), name)
+            out.append(Action(True, identity, mdp.DISCONNECT_FRAMES))
+            return
         svc = self.services.get(name)
         if svc is None:
             svc = self.services[name] = Service(name, caps)
@@ -366,6 +372,7 @@ class BrokerCore:
             svc.last_failure = why
         job.worker = None
         job.failed.add(worker.identity)
+        job.prefer = svc.name
         if job.cancelled:
             self._finish(job, out, None)
             return
@@ -508,7 +515,6 @@ class BrokerCore:
         if not tts.MIN_RATE <= rate <= tts.MAX_RATE:
             raise ValueError(f"sample rate {rate} outside {tts.MIN_RATE}-{tts.MAX_RATE} Hz")
         start.worker = {**start.worker, "id": worker.label}
-        job.engines.append(start.engine)
         if not job.started:
             job.width, job.rate, job.format = tts.SAMPLE_WIDTH[start.format], rate, start.format
             job.held_start = start
@@ -523,6 +529,7 @@ class BrokerCore:
             "resume_at": job.base,
         }
         job.failover_reason = None
+        job.engines.append(start.engine)
         return [[job.rid, b"failover", json.dumps(event, separators=(",", ":")).encode()]]
 
     def _release_start(self, job: Job, now: float) -> list[list[bytes]]:
@@ -530,6 +537,7 @@ class BrokerCore:
             return []
         start, job.held_start = job.held_start, None
         job.started = True
+        job.engines.append(start.engine)
         return [start.body(job.rid)]
 
     def _on_mark(self, job: Job, event: tts.Other) -> list[bytes]:
@@ -542,7 +550,7 @@ class BrokerCore:
             raise ValueError(f"mark end {mark['end']} does not advance within the text")
         job.delivered = end
         job.segments += 1
-        return [job.rid, b"mark", json.dumps({"segment": job.segments - 1, "end": end}).encode()]
+        return [job.rid, b"mark", json.dumps({"segment": job.segments - 1, "end": end}, separators=(",", ":")).encode()]
 
     def _stats(self, job: Job, now: float) -> dict[str, Any]:
         return {
@@ -674,8 +682,15 @@ class BrokerCore:
         return True
 
     def _idle_worker_for(self, job: Job) -> Optional[tuple[Worker, Step]]:
-        """The least recently used idle worker of the first chain step that has one."""
-        for step in self._chain(job):
+        """The least recently used idle worker of the first chain step that has one.
+
+        After a failover the failed worker's own service comes first: another
+        worker of the same voice, then the rest of the chain.
+        """
+        steps = self._chain(job)
+        if job.prefer is not None:
+            steps = sorted(steps, key=lambda st: st.service != job.prefer)
+        for step in steps:
             svc = self.services.get(step.service)
             if svc is None:
                 continue

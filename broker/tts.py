@@ -70,7 +70,7 @@ def normalize_language(tag: str) -> str:
 class SynthesisRequest(BaseModel):
     """The JSON object in frame 4 of a TTS request."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     text: str
     language: str = "en"

@@ -269,7 +269,7 @@ class WorkerRuntime:
                     send(encoder.push(audio))
                 send(encoder.end_segment())
                 # Everything before `hi` has been sent: a failover resumes here.
-                emit(_PARTIAL, [job.rid, b"mark", json.dumps({"end": hi}).encode()])
+                emit(_PARTIAL, [job.rid, b"mark", json.dumps({"end": hi}, separators=(",", ":")).encode()])
                 sentences += 1
             elapsed = time.monotonic() - t0
             audio_s = samples / rate

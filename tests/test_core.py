@@ -2431,3 +2431,36 @@ def test_broker_random_sequences(data: st.DataObject) -> None:
         m.structure()
         m.finals_accounted()
     m.teardown()
+
+
+def test_failover_tries_the_failed_workers_service_before_earlier_chain_steps() -> None:
+    """Another worker of the same voice first, then the rest of the chain (even an earlier step)."""
+    s = replace(SETTINGS, chains={"en": (Step(SVC_EN), Step(SVC_EN_AMY))})
+    rig = Rig(s)
+    rig.worker(W2, SVC_EN_AMY, CAPS_EN_AMY, now=0.0)
+    rig.worker(W3, SVC_EN_AMY, CAPS_EN_AMY, now=0.0)
+    k = job_key(rig.request(C1, b"a", now=0.1), W2)  # joe has no worker yet: amy serves
+    rig.worker(W1, SVC_EN, CAPS_EN, now=0.2)  # now joe, the first step, is idle too
+    out = rig.core.on_worker(W2, DISCONNECT, 0.3)
+    [req] = requests_to(out, W3)
+    assert req.address == k and requests_to(out, W1) == []
+
+
+def test_engine_service_names_need_capabilities() -> None:
+    rig = Rig()
+    out = rig.core.on_worker(W1, ready("piper.fake", None), 0.0)
+    assert [a.frames for a in out if a.to_worker and a.peer == W1] == [mdp.DISCONNECT_FRAMES]
+    assert W1 not in rig.core.workers
+
+
+def test_engines_in_end_stats_are_the_ones_that_spoke() -> None:
+    rig = Rig()
+    rig.worker(W1)
+    rig.worker(W2, now=0.0)
+    k = job_key(rig.request(C1, b"a", now=0.1), W1)
+    rig.core.on_worker(W1, start(k, b"a"), 0.2)  # held: no audio yet
+    out = rig.core.on_worker(W1, DISCONNECT, 0.3)  # invisible failover
+    [req] = requests_to(out, W2)
+    out = rig.serve(W2, req.address, b"a", 0.4)
+    [final] = to_client(out, C1)
+    assert json.loads(final.body[2])["engines"] == ["piper"]
