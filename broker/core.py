@@ -112,7 +112,7 @@ class Job:
     service: bytes
     """Service name the client addressed, echoed in every reply."""
     body: list[bytes]
-    """Body sent to the worker."""
+    """Body sent to the worker, for an opaque job; a TTS job's is built per worker (:meth:`_request_for`)."""
     deadline: float
     created: float
     rid: Optional[bytes] = None
@@ -651,7 +651,7 @@ class BrokerCore:
             return
         target = None if service == tts.SERVICE else service
         key = self._new_key()
-        job = Job(key, identity, service_raw, [rid, request.to_json()], now + self.s.request_timeout_s, now, rid, request, target)
+        job = Job(key, identity, service_raw, [], now + self.s.request_timeout_s, now, rid, request, target)
         if self._enqueue(job, out):
             self.by_client[(identity, rid)] = job
             log.debug("job %s: request %r from client %s", key.hex(), rid[:32], identity.hex())

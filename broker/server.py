@@ -95,9 +95,9 @@ class BrokerServer:
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         core = self.core
-        # Ticks come five times per heartbeat: heartbeats still go out once per
-        # interval (the core tracks when each is due), but a dead worker is
-        # noticed within a fifth of an interval of its deadline, not a whole one.
+        # Ticks come every 50 ms at most (five per heartbeat at the default):
+        # heartbeats still go out once per interval (the core tracks when each
+        # is due), but a dead worker is noticed soon after its deadline.
         period = min(core.s.heartbeat_s / 5, 0.05)
         next_tick = time.monotonic() + period
         try:

@@ -18,10 +18,8 @@ the frame mask) becomes a frontend output. The two graphs are cut with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import onnxruntime
+
+from models.registry import cache_dir, file_digest
 
 log = logging.getLogger("engines.vits_split")
 
@@ -41,22 +41,9 @@ HOP = 256
 """Output samples per latent frame (Piper voices upsample 8·8·4)."""
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tts-broker" / "piper-split"
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:24]
-
-
 def split_model(model: Path, cache: Path | None = None) -> tuple[Path, Path, list[str]]:
     """Frontend and decoder graphs for a voice (cut once, then read from the cache) and the seam tensors."""
-    out = (cache or cache_dir()) / _digest(model)
+    out = (cache or cache_dir("piper-split")) / file_digest(model)[:24]
     meta = out / "split.json"
     if meta.is_file():
         return out / "frontend.onnx", out / "decoder.onnx", json.loads(meta.read_text())["seam"]

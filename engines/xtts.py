@@ -22,9 +22,7 @@ model's fingerprint, so a repeated NPC voice costs nothing after its first use.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -35,6 +33,8 @@ import soxr
 
 from broker.tts import BAD_REQUEST, RequestError, SynthesisRequest, normalize_language
 from engines.base import Engine
+from models.registry import cache_dir as models_cache_dir
+from models.registry import file_digest
 
 log = logging.getLogger("engines.xtts")
 
@@ -68,22 +68,6 @@ def pick_torch_device(device: str) -> str:
     chosen = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
     log.info("XTTS device: %s (requested %s, CUDA %s)", chosen, device, "available" if has_cuda else "not available")
     return chosen
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tts-broker" / "xtts-latents"
-
-
-def _file_digest(path: Path, limit: Optional[int] = None) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        if limit is None:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        else:
-            h.update(f.read(limit))
-    return h.hexdigest()
 
 
 class XttsEngine(Engine):
@@ -128,8 +112,8 @@ class XttsEngine(Engine):
         self._latents: dict[str, tuple[Any, Any]] = {}
         self._keys: dict[str, tuple[tuple[int, int], str]] = {}
         """Per clone: (size, mtime) of its reference when hashed, and its cache key."""
-        self._fingerprint = _file_digest(self.model_dir / "model.pth", limit=1 << 20)[:16]
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self._fingerprint = file_digest(self.model_dir / "model.pth", limit=1 << 20)[:16]
+        self.cache_dir = Path(cache_dir) if cache_dir else models_cache_dir("xtts-latents")
         names = self.voices()
         if not names:
             raise ModelDirError("no speakers: the checkpoint has no speakers_xtts.pth and no --speaker was given")
@@ -170,7 +154,7 @@ class XttsEngine(Engine):
         stamp = (st.st_size, st.st_mtime_ns)
         known = self._keys.get(name)
         if known is None or known[0] != stamp:  # hash a reference only when it is new or changed
-            known = self._keys[name] = (stamp, f"{_file_digest(path)[:32]}-{self._fingerprint}")
+            known = self._keys[name] = (stamp, f"{file_digest(path)[:32]}-{self._fingerprint}")
         key = known[1]
         if key in self._latents:
             return self._latents[key]

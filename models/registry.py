@@ -10,6 +10,7 @@ file given by path, or a ``NAME.onnx`` found in a voice directory
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -89,3 +90,21 @@ def known_piper_voices(extra_dirs: Iterable[str | Path] = ()) -> list[str]:
         if d.is_dir():
             names.update(p.name.removesuffix(".onnx") for p in d.glob("*.onnx"))
     return sorted(names)
+
+
+def cache_dir(kind: str) -> Path:
+    """Where derived model files of one kind are kept (split graphs, voice latents): never downloads."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tts-broker" / kind
+
+
+def file_digest(path: Path, limit: int | None = None) -> str:
+    """SHA-256 of a file's content (its first ``limit`` bytes when given): the key of a cache entry."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        if limit is not None:
+            h.update(f.read(limit))
+        else:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
