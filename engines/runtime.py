@@ -1,8 +1,8 @@
 """The MDP/0.2 worker runtime shared by every engine.
 
 The socket loop runs on the main thread and never waits on synthesis: each
-job runs on the one long-lived synthesis thread, which pushes ready-made reply bodies through an
-inproc PUSH/PULL pipe, so heartbeats keep flowing however long a sentence
+job runs on the one long-lived synthesis thread, which pushes ready-made
+reply bodies through an inproc PUSH/PULL pipe, so heartbeats keep flowing however long a sentence
 takes (onnxruntime and torch release the GIL while they compute). Cancel is a
 flag the synthesis thread checks between pieces of audio.
 
