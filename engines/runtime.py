@@ -85,6 +85,7 @@ class WorkerRuntime:
         self._synth = synthesis_thread or synthesis_executor()
         self._generation = 0
         self._job: Optional[_Job] = None
+        self._retrying = False  # reconnected, and no broker has answered since
         self._sock: Optional[zmq.Socket] = None
         self._pipe_addr = f"inproc://worker-pipe-{id(self)}"
         self._pipe = self.ctx.socket(zmq.PULL)
@@ -107,10 +108,12 @@ class WorkerRuntime:
         now = time.monotonic()
         self._broker_expires = now + self.heartbeat_s * self.liveness
         self._heartbeat_due = now + self.heartbeat_s
-        log.info("worker %s: READY for %s at %s", self.identity, self.engine.service, self.backend)
+        # While no broker answers, the retries (one per liveness period) are logged at DEBUG only.
+        log.log(logging.DEBUG if self._retrying else logging.INFO, "worker %s: READY for %s at %s", self.identity, self.engine.service, self.backend)
 
     def _reconnect(self, why: str) -> None:
-        log.warning("worker %s: %s; reconnecting", self.identity, why)
+        log.log(logging.DEBUG if self._retrying else logging.WARNING, "worker %s: %s; reconnecting", self.identity, why)
+        self._retrying = True
         job = self._job
         if job is not None:
             job.cancel.set()
@@ -197,6 +200,9 @@ class WorkerRuntime:
 
     def _on_broker(self, frames: list[bytes]) -> None:
         self._broker_expires = time.monotonic() + self.heartbeat_s * self.liveness
+        if self._retrying:
+            self._retrying = False
+            log.info("worker %s: broker at %s answered", self.identity, self.backend)
         try:
             cmd = mdp.decode_worker(frames, from_broker=True)
         except mdp.ProtocolError as exc:

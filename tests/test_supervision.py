@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+import zmq
 
+from broker import mdp
+from broker.tts import SynthesisRequest
+from engines.base import Engine
+from engines.runtime import WorkerRuntime
 from tests.asr import transcribe, words_heard
-from tests.conftest import EN_VOICE, start_serve, stop_serve, wait_services
+from tests.conftest import EN_VOICE, free_port, start_serve, stop_serve, wait_services
 from tests.mdp_peers import RawClient
 from tests.test_e2e import LONG, SENTENCE
 
@@ -110,3 +118,49 @@ def test_worker_startup_errors_are_clear(tmp_path: Path) -> None:
         pytest.skip("this machine can run CUDA: the no-GPU error cannot happen")
     r = subprocess.run([sys.executable, "-m", "engines.piper", "--device", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "device 'cuda' requested" in r.stderr
+
+
+class _Silence(Engine):
+    """A test engine: 10 ms of silence per sentence."""
+
+    engine = "piper"
+    native_rate = 16000
+    service = "silence"
+
+    def languages(self) -> list[str]:
+        return ["en"]
+
+    def voices(self) -> list[str]:
+        return ["silence"]
+
+    def voice_for(self, request: SynthesisRequest) -> str:
+        return "silence"
+
+    def speak(self, text: str, request: SynthesisRequest) -> list[np.ndarray]:
+        return [np.zeros(160, dtype=np.float32)]
+
+
+def test_a_worker_without_a_broker_warns_once_and_says_when_one_answers(caplog: pytest.LogCaptureFixture) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    runtime = WorkerRuntime(_Silence(), endpoint, heartbeat_s=0.02, liveness=2)
+    thread = threading.Thread(target=runtime.run)
+    caplog.set_level(logging.INFO, logger="engines.runtime")
+    thread.start()
+    broker = zmq.Context.instance().socket(zmq.ROUTER)
+    try:
+        time.sleep(0.5)  # a dozen liveness periods with nobody there
+        assert [r.levelname for r in caplog.records if "reconnecting" in r.message] == ["WARNING"]
+        assert sum("READY" in r.message for r in caplog.records) == 1
+        broker.bind(endpoint)
+        assert broker.poll(5000)
+        identity, protocol, command, *_ = broker.recv_multipart()
+        assert (protocol, command) == (mdp.WORKER, mdp.W_READY)
+        broker.send_multipart([identity, *mdp.HEARTBEAT_FRAMES])
+        deadline = time.monotonic() + 5
+        while not any("answered" in r.message for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert any(r.levelname == "INFO" and "answered" in r.message for r in caplog.records)
+    finally:
+        runtime.stop()
+        thread.join(5)
+        broker.close(linger=0)
