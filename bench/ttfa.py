@@ -102,7 +102,7 @@ def run_piper(reps: int = 10) -> dict[str, Any]:
     return {"text": TEXT, **_summarise(direct, broker), "sentence_mode": _summarise(direct, by_sentence)}
 
 
-def run_xtts(reps: int = 5) -> dict[str, Any]:
+def run_xtts(reps: int = 5, device: str = "cpu") -> dict[str, Any]:
     from broker.tts import SynthesisRequest
     from engines.text import split_sentences
     from engines.xtts import XttsEngine
@@ -110,7 +110,7 @@ def run_xtts(reps: int = 5) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_tiny_xtts_checkpoint(Path(tmp) / "xtts")
-        engine = XttsEngine(ckpt, "cpu", stream_chunk_size=XTTS_CHUNK, cache_dir=Path(tmp) / "cache")
+        engine = XttsEngine(ckpt, device, stream_chunk_size=XTTS_CHUNK, cache_dir=Path(tmp) / "cache")
         request = SynthesisRequest(text=XTTS_TEXT, language="pt")
 
         def in_process() -> Any:
@@ -121,7 +121,7 @@ def run_xtts(reps: int = 5) -> dict[str, Any]:
         fe, be = endpoint(), endpoint()
         direct, broker = [], []
         with processes(["-m", "broker", "--frontend", fe, "--backend", be, "--log-level", "WARNING"],
-                       ["-m", "engines.xtts", "--backend", be, "--model-dir", str(ckpt), "--device", "cpu",
+                       ["-m", "engines.xtts", "--backend", be, "--model-dir", str(ckpt), "--device", device,
                         "--stream-chunk-size", str(XTTS_CHUNK), "--cache-dir", str(Path(tmp) / "cache"), "--log-level", "WARNING"]):
             with TtsClient(fe, timeout=120) as client:
                 assert client.wait_ready(timeout=180), "XTTS worker did not come up"
@@ -131,7 +131,7 @@ def run_xtts(reps: int = 5) -> dict[str, Any]:
                     time.sleep(SETTLE_S)
                     broker.append(_through_broker(client, XTTS_TEXT, language="pt", sample_rate=24000))
                     time.sleep(SETTLE_S)
-    return {"text": XTTS_TEXT, "model": "tiny random-weight fixture, CPU", "stream_chunk_size": XTTS_CHUNK, **_summarise(direct, broker)}
+    return {"text": XTTS_TEXT, "model": f"tiny random-weight fixture, {device}", "stream_chunk_size": XTTS_CHUNK, **_summarise(direct, broker)}
 
 
 LONG_SENTENCE = (
