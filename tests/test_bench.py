@@ -16,3 +16,15 @@ def test_throughput_benchmark_streams_without_errors() -> None:
     r = throughput.run([2], seconds=1.0)
     [row] = r["rows"]
     assert row["errors"] == 0 and row["chunks_per_s"] > 0 and row["chunk_latency_us"]["count"] > 0
+
+
+def test_gpu_benchmark_says_why_it_cannot_run_piper_on_cuda() -> None:
+    import onnxruntime
+    import pytest
+
+    from bench import gpu
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed: bench.gpu measures Piper on CUDA here")
+    r = gpu.piper_cuda(1)
+    assert set(r) == {"skipped"} and "CPUExecutionProvider" in r["skipped"]
