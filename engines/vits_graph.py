@@ -100,6 +100,11 @@ class _Graph:
             node = self.producer.get(node.input[0]) if node.input else None
         return node
 
+    def comes_from(self, tensor: str, node: onnx.NodeProto) -> bool:
+        """Whether ``tensor`` is ``node``'s output or derived from it along first inputs."""
+        source = self.up(tensor, node.op_type)
+        return source is not None and source.output[0] == node.output[0]
+
     def rewire(self, old: str, new: str) -> None:
         for node in self.consumers.get(old, ()):
             node.input[:] = [new if i == old else i for i in node.input]
@@ -132,7 +137,7 @@ def band_relative_attention(model: onnx.ModelProto) -> int:
         softmax = graph.up(value_mm.input[0], "Softmax") if value_mm is not None else None
         if key_mm is None or value_mm is None or scores is None or softmax is None:
             continue
-        relative = [i for i in scores.input if getattr(graph.up(i, "MatMul"), "output", [None])[0] == key_mm.output[0]]
+        relative = [i for i in scores.input if graph.comes_from(i, key_mm)]
         if len(relative) != 1:
             continue
         queries = key_mm.input[0]
@@ -182,7 +187,7 @@ def _band_indices(s: str, queries: str, window: int, tensors: list[onnx.TensorPr
     return [
         node("Shape", [queries], "shape"),
         node("Slice", [f"{s}/shape", const("at0", [0]), const("at2", [2])], "bh"),
-        node("Gather", [f"{s}/shape", const("at2_", [2])], "L1", axis=0),
+        node("Gather", [f"{s}/shape", f"{s}/at2"], "L1", axis=0),
         node("Squeeze", [f"{s}/L1", const("axis0", [0])], "L"),
         node("Range", [zero, f"{s}/L", one], "j"),
         node("Unsqueeze", [f"{s}/j", const("axis1", [1])], "i"),
