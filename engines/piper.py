@@ -101,11 +101,14 @@ class PiperEngine(Engine):
     def _feeds(self, phonemes: list[str], speed: float) -> dict[str, np.ndarray]:
         cfg = self.voice.config
         ids = self.voice.phonemes_to_ids(phonemes)
-        return {
+        feeds = {
             "input": np.array([ids], dtype=np.int64),
             "input_lengths": np.array([len(ids)], dtype=np.int64),
             "scales": np.array([cfg.noise_scale, (cfg.length_scale or 1.0) / speed, cfg.noise_w_scale], dtype=np.float32),
         }
+        if cfg.num_speakers > 1:  # as piper-tts does: its default speaker
+            feeds["sid"] = np.array([cfg.default_speaker_id], dtype=np.int64)
+        return feeds
 
     def _calibrate_gain(self) -> float:
         """Piper scales each sentence to full scale, which needs the whole sentence; frame mode
