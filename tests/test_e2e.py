@@ -22,8 +22,14 @@ def s16(pcm: bytes) -> np.ndarray:
     return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32767
 
 
-def test_english_speech_is_intelligible_with_stream_invariants(client: RawClient) -> None:
-    s = client.request(b"r1", {"text": SENTENCE})
+# The bundled voice's worker loads both ways of streaming (``stream_mode = "auto"``); a request
+# may ask for either, and each must keep the same contract.
+MODES = pytest.mark.parametrize("mode", ["frames", "sentence"])
+
+
+@MODES
+def test_english_speech_is_intelligible_with_stream_invariants(client: RawClient, mode: str) -> None:
+    s = client.request(f"r1-{mode}".encode(), {"text": SENTENCE, "stream": mode})
     client.wait(s)
     s.check_invariants()
     assert s.names()[-1] == b"end"
@@ -54,8 +60,9 @@ def test_several_streams_in_flight_on_one_socket(client: RawClient) -> None:
     assert len({s.pcm() for s in streams.values()}) == 3
 
 
-def test_f32le_at_16khz(client: RawClient) -> None:
-    s = client.request(b"f32", {"text": SENTENCE, "format": "f32le", "sample_rate": 16000})
+@MODES
+def test_f32le_at_16khz(client: RawClient, mode: str) -> None:
+    s = client.request(f"f32-{mode}".encode(), {"text": SENTENCE, "format": "f32le", "sample_rate": 16000, "stream": mode})
     client.wait(s)
     s.check_invariants()
     start = s.json_of(b"start")
@@ -69,21 +76,23 @@ def test_f32le_at_16khz(client: RawClient) -> None:
     assert words_heard(SENTENCE, transcribe(audio, 16000)) >= 0.6
 
 
-def test_cancel_ends_stream_and_frees_the_worker(client: RawClient) -> None:
-    s = client.request(b"long", {"text": LONG})
+@MODES
+def test_cancel_ends_stream_and_frees_the_worker(client: RawClient, mode: str) -> None:
+    rid = f"long-{mode}".encode()
+    s = client.request(rid, {"text": LONG, "stream": mode})
     while not s.audio():
         assert client.recv(30) is not None
-    client.cancel(b"long")
+    client.cancel(rid)
     client.wait(s, timeout=5)
     assert s.names()[-1] == b"error" and s.json_of(b"error")["code"] == "cancelled"
     s.check_invariants()
     # The only English worker stopped speaking the long text: the next request is served
     # long before the ~2 minutes of audio the long text would take.
-    nxt = client.request(b"after", {"text": "Next."})
+    nxt = client.request(f"after-{mode}".encode(), {"text": "Next."})
     client.wait(nxt, timeout=20)
     assert nxt.names()[-1] == b"end"
     # The cancel itself is acknowledged on tts.cancel.
-    assert any(f[2] == b"tts.cancel" and f[3:] == [b"long", b"cancelled"] for f in client.other)
+    assert any(f[2] == b"tts.cancel" and f[3:] == [rid, b"cancelled"] for f in client.other)
 
 
 @pytest.mark.parametrize(

@@ -85,11 +85,12 @@ def wait_workers(s: Served, service: str, n: int, timeout: float = 60) -> list[i
         c.close()
 
 
+@pytest.mark.parametrize("stream", ["frames", "sentence"])
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["kill-9", "sigstop"])
-def test_serving_worker_lost_mid_stream_resumes_without_loss(chaos: Served, how: signal.Signals) -> None:
+def test_serving_worker_lost_mid_stream_resumes_without_loss(chaos: Served, how: signal.Signals, stream: str) -> None:
     wait_workers(chaos, SERVICE, 2)
     c = chaos.client()
-    s = c.request(b"story", {"text": STORY})
+    s = c.request(b"story", {"text": STORY, "stream": stream})
     pid = first_audio(c, s)
     os.kill(pid, how)
     try:
