@@ -105,7 +105,7 @@ def _table(results: dict[str, Any], goals: dict[str, tuple[str, float]]) -> str:
         "",
         "![TTFA](ttfa.png)",
         "",
-        "### Piper: frame streaming versus sentence streaming (same worker, through the broker)",
+        "### Piper: frame streaming versus sentence streaming (a frames worker and a piper-tts sentence worker, through a broker each)",
         "",
         "| case | frames ms | sentence ms | ratio |",
         "|---|---|---|---|",
