@@ -45,9 +45,14 @@ HOP = 256
 """Output samples per latent frame (Piper voices upsample 8·8·4)."""
 
 
+def _cache_entry(model: Path, cache: Path | None) -> Path:
+    """Where the graphs derived from one voice file are kept."""
+    return (cache or cache_dir("piper-split")) / f"{file_digest(model)[:24]}-v{_SPLIT_VERSION}"
+
+
 def split_model(model: Path, cache: Path | None = None) -> tuple[Path, Path, list[str]]:
     """Frontend and decoder graphs for a voice (cut once, then read from the cache) and the seam tensors."""
-    out = (cache or cache_dir("piper-split")) / f"{file_digest(model)[:24]}-v{_SPLIT_VERSION}"
+    out = _cache_entry(model, cache)
     meta = out / "split.json"
     if meta.is_file():
         return out / "frontend.onnx", out / "decoder.onnx", json.loads(meta.read_text())["seam"]
@@ -99,7 +104,7 @@ def split_model(model: Path, cache: Path | None = None) -> tuple[Path, Path, lis
 def optimised_model(model: Path, cache: Path | None = None) -> Path:
     """The whole voice with the frontend's rewrites (``engines/vits_graph.py``), made once and
     cached beside the split; the voice itself where they do not apply."""
-    out = (cache or cache_dir("piper-split")) / f"{file_digest(model)[:24]}-v{_SPLIT_VERSION}"
+    out = _cache_entry(model, cache)
     whole, meta = out / "whole.onnx", out / "whole.json"
     if not meta.is_file():
         import onnx
