@@ -111,6 +111,7 @@ def optimised_model(model: Path, cache: Path | None = None) -> Path:
 
         from engines.vits_graph import optimise
 
+        log.info("rewriting %s for speed (once; cached in %s)", model.name, out)
         plain = onnx.load(str(model))
         rewritten = optimise(plain, [o.name for o in plain.graph.output])
         out.mkdir(parents=True, exist_ok=True)
