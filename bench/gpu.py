@@ -18,25 +18,11 @@ import argparse
 import json
 import logging
 import statistics
-import time
 from pathlib import Path
-from typing import Any, Iterator
-
-import numpy as np
+from typing import Any
 
 from . import ttfa
 from .common import machine_info
-
-
-def _first(chunks: Iterator[np.ndarray]) -> float:
-    """Milliseconds to the first array, then drains the rest."""
-    t0 = time.perf_counter()
-    it = iter(chunks)
-    next(it)
-    ms = (time.perf_counter() - t0) * 1000
-    for _ in it:
-        pass
-    return ms
 
 
 def piper_cuda(reps: int) -> dict[str, Any]:
@@ -55,10 +41,12 @@ def piper_cuda(reps: int) -> dict[str, Any]:
         rows: dict[str, list[float]] = {"frames": [], "sentence": []}
         for _ in range(reps):
             for mode in rows:
-                rows[mode].append(_first(engine.speak(ttfa.LONG_SENTENCE, request.model_copy(update={"stream": mode}))))
+                mode_request = request.model_copy(update={"stream": mode})
+                ttfa_s, _, _ = ttfa._in_process(lambda: engine.speak(ttfa.LONG_SENTENCE, mode_request), engine.native_rate)
+                rows[mode].append(ttfa_s)
         out[device] = {
             "providers": engine.providers,
-            **{f"long_{mode}_ttfa_ms": round(statistics.median(v), 1) for mode, v in rows.items()},
+            **{f"long_{mode}_ttfa_ms": round(statistics.median(v) * 1000, 1) for mode, v in rows.items()},
         }
     return out
 
