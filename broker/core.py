@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Optional
 
 from . import mdp, tts
+from .caps import CapsError, EngineCaps, parse_caps
 from .routing import Step, chain_for, route_language
 
 log = logging.getLogger("broker")
@@ -70,6 +71,14 @@ log = logging.getLogger("broker")
 MMI_SERVICE = "mmi.service"
 ENGINE_SERVICE_PREFIXES = ("piper.", "xtts")
 """Service names reserved for engine workers: requests to them are TTS requests."""
+MAX_EMPTY_SERVICES = 256
+"""Services with no live worker remembered at once; beyond this the oldest is forgotten
+at once (a peer cycling READYs through new names must not grow the table)."""
+MAX_STATUS_SERVICES = 256
+MAX_STATUS_WORKERS = 64
+"""Entries listed in ``tts.status``, so building it never stalls the loop."""
+OUTCOMES = ("completed", "errors", "cancelled", "expired")
+"""Each request ends in exactly one of these counters."""
 
 
 class Action(NamedTuple):
@@ -102,6 +111,9 @@ class CoreSettings:
     max_failovers: int = 3
     """A request that has failed this many workers ends with ``internal`` (a poison request
     must not take down every restarted worker in turn)."""
+    service_grace_s: float = 5.0
+    """A service whose last worker left is remembered this long, in seconds, so that its
+    requests wait for a supervised restart; after it they route as if it never existed."""
 
 
 @dataclass(eq=False)
@@ -158,34 +170,40 @@ class Job:
 @dataclass(eq=False)
 class Worker:
     identity: bytes
+    """ZeroMQ routing id: never shown to clients (it would let a peer claim the session)."""
     service: "Service"
     expires: float
     heartbeat_due: float
-    caps: Optional[dict[str, Any]] = None
+    label: str
+    """Public id, assigned by the broker: what ``start`` and ``tts.status`` show."""
+    caps: Optional[EngineCaps] = None
+    """None for a plain MDP worker."""
     job: Optional[Job] = None
     served: int = 0
-
-    @property
-    def label(self) -> str:
-        ident = self.identity
-        if ident and all(0x21 <= b <= 0x7E for b in ident):
-            return ident.decode()
-        return ident.hex()
 
 
 @dataclass(eq=False)
 class Service:
     name: str
-    caps: Optional[dict[str, Any]] = None
-    """Capabilities of the engine workers serving it; None for an opaque service."""
+    is_tts: bool = False
+    """Served by engine workers (TTS protocol), not relayed opaquely."""
+    engine: Optional[str] = None
+    languages: tuple[str, ...] = ()
+    """What its live workers speak, together; kept while it has none, for routing during the grace period."""
+    voices: frozenset[str] = frozenset()
     workers: dict[bytes, Worker] = field(default_factory=dict)
     idle: deque[Worker] = field(default_factory=deque)
     failures: int = 0
     last_failure: str = ""
+    empty_since: Optional[float] = None
+    """When its last worker left; None while it has one."""
 
-    @property
-    def is_tts(self) -> bool:
-        return self.caps is not None
+    def refresh(self) -> None:
+        """Derive languages and voices from the live workers (capabilities are each worker's own)."""
+        caps = [w.caps for w in self.workers.values() if w.caps is not None]
+        if caps:
+            self.languages = tuple(dict.fromkeys(lang for c in caps for lang in c.languages))
+            self.voices = frozenset(v for c in caps for v in c.voices)
 
 
 class BrokerCore:
@@ -203,9 +221,13 @@ class BrokerCore:
         self.inflight: dict[bytes, int] = {}
         self._keys = itertools.count(1)
         self._key_prefix = os.urandom(4)
+        self._worker_ids = itertools.count(1)
+        self._empty: dict[str, Service] = {}
+        """Services with no live worker, oldest first."""
         self.now = 0.0
         """Time of the event being handled (every entry point sets it)."""
-        self.counters = {"requests": 0, "completed": 0, "errors": 0, "cancelled": 0, "expired": 0, "failovers": 0}
+        self.counters = {"requests": 0, **{o: 0 for o in OUTCOMES}, "failovers": 0}
+        """Every request counted in ``requests`` at admission ends in exactly one of ``OUTCOMES``."""
 
     # ------------------------------------------------------------------ time
 
@@ -233,7 +255,21 @@ class BrokerCore:
         for job in [j for j in self.waiting if j.deadline <= now]:
             self.waiting.remove(job)
             self._expire(job, out)
+        forgot = False
+        for svc in list(self._empty.values()):
+            if svc.empty_since is None or svc.empty_since + self.s.service_grace_s > now:
+                break  # oldest first: the rest are younger
+            self._forget(svc)
+            forgot = True
+        if forgot:  # requests that waited for it may now route elsewhere (e.g. the default language)
+            self._dispatch_waiting(out)
         return out
+
+    def _forget(self, svc: Service) -> None:
+        self._empty.pop(svc.name, None)
+        if self.services.get(svc.name) is svc and not svc.workers:
+            del self.services[svc.name]
+            log.info("service %s forgotten: no worker came back within %gs", svc.name, self.s.service_grace_s)
 
     @staticmethod
     def _error_body(rid: Optional[bytes], code: str, message: str) -> list[bytes]:
@@ -243,15 +279,14 @@ class BrokerCore:
         return [b"error", json.dumps({"code": code, "message": message}).encode()]
 
     def _expire(self, job: Job, out: list[Action]) -> None:
-        self.counters["expired"] += 1
         if job.rid is not None and not self._routable(job):
             code, msg = tts.UNAVAILABLE, "no live engine worker can serve this request"
             if job.last_error is not None:
                 msg += f" (the last one answered {job.last_error[0]}: {job.last_error[1]})"
-            self._finish(job, out, tts.error_body(job.rid, code, msg))
+            self._finish(job, out, tts.error_body(job.rid, code, msg), "expired")
         else:
             msg = f"no worker became free within {self.s.request_timeout_s:g}s"
-            self._finish(job, out, self._error_body(job.rid, tts.TIMEOUT, msg))
+            self._finish(job, out, self._error_body(job.rid, tts.TIMEOUT, msg), "expired")
 
     # --------------------------------------------------------------- workers
 
@@ -325,24 +360,35 @@ class BrokerCore:
 
     def _register(self, identity: bytes, cmd: mdp.WorkerReady, now: float, out: list[Action]) -> None:
         name = cmd.service
+
+        def refuse(why: str) -> None:
+            log.warning("worker %s refused for service %s: %s", identity.hex(), name[:80], why)
+            out.append(Action(True, identity, mdp.DISCONNECT_FRAMES))
+
         if name in tts.RESERVED_SERVICES or name.startswith("mmi."):
-            log.warning("worker %s tried to register reserved service %s", identity.hex(), name)
-            out.append(Action(True, identity, mdp.DISCONNECT_FRAMES))
-            return
-        caps = _valid_caps(cmd.capabilities)
+            return refuse("reserved service name")
+        try:
+            caps = parse_caps(cmd.capabilities)
+        except CapsError as exc:
+            return refuse(f"invalid capabilities: {exc}")
         if caps is None and name.startswith(ENGINE_SERVICE_PREFIXES):
-            log.warning("worker %s registered engine service %s without TTS capabilities", identity.hex(), name)
-            out.append(Action(True, identity, mdp.DISCONNECT_FRAMES))
-            return
+            return refuse("engine service without TTS capabilities")
         svc = self.services.get(name)
+        if svc is not None and svc.workers and (svc.is_tts, svc.engine) != (caps is not None, caps and caps.engine):
+            # One service, one kind of worker: a request must not depend on which one it lands on.
+            theirs = svc.engine or "plain MDP"
+            return refuse(f"its live workers are {theirs}, this one is {caps.engine if caps else 'plain MDP'}")
         if svc is None:
-            svc = self.services[name] = Service(name, caps)
-        elif caps is not None:
-            svc.caps = caps
-        worker = Worker(identity, svc, now + self.expiry, now + self.s.heartbeat_s, caps)
+            svc = self.services[name] = Service(name)
+        if not svc.workers:  # new, or coming back within its grace period: it takes this worker's kind
+            svc.is_tts, svc.engine = caps is not None, caps.engine if caps else None
+            svc.empty_since = None
+            self._empty.pop(name, None)
+        worker = Worker(identity, svc, now + self.expiry, now + self.s.heartbeat_s, f"w{next(self._worker_ids)}", caps)
         self.workers[identity] = worker
         svc.workers[identity] = worker
-        pid = caps.get("pid") if caps else None
+        svc.refresh()
+        pid = caps.pid if caps else None
         log.info("worker %s up: service %s%s", worker.label, name, f" pid {pid}" if pid else "")
         self._worker_idle(worker, out)
 
@@ -359,6 +405,12 @@ class BrokerCore:
             svc.idle.remove(worker)
         except ValueError:
             pass
+        svc.refresh()
+        if not svc.workers and self.services.get(svc.name) is svc:
+            svc.empty_since = now
+            self._empty[svc.name] = svc
+            if len(self._empty) > MAX_EMPTY_SERVICES:
+                self._forget(next(iter(self._empty.values())))
         job, worker.job = worker.job, None
         if job is not None:
             self._failover(job, worker, why, now, out)
@@ -373,13 +425,12 @@ class BrokerCore:
         job.worker = None
         job.failed.add(worker.identity)
         job.prefer = svc.name
-        if job.cancelled:
-            self._finish(job, out, None)
+        if job.cancelled:  # already finished; it only waited for its worker to let go
             return
         if job.rid is None:  # opaque: safe to resend only if nothing was relayed
             if job.replied:
                 log.error("job %s: worker %s failed mid-reply: %s", job.key.hex(), worker.label, why)
-                self._finish(job, out, self._error_body(None, tts.INTERNAL, f"worker failed mid-reply: {why}"))
+                self._finish(job, out, self._error_body(None, tts.INTERNAL, f"worker failed mid-reply: {why}"), "errors")
             else:
                 log.warning("job %s: worker %s lost (%s) before replying; re-queued", job.key.hex(), worker.label, why)
                 job.deadline = now + self.s.request_timeout_s
@@ -389,18 +440,18 @@ class BrokerCore:
             job.last_error = error
             if not self._routable(job):
                 # The engine refused and no other worker could try: its answer stands.
-                self._finish(job, out, tts.error_body(job.rid, *error))
+                self._finish(job, out, tts.error_body(job.rid, *error), "errors")
                 return
         if job.failovers >= self.s.max_failovers:
             msg = f"gave up after {job.failovers} failovers; last: {why}"
             log.error("job %s: %s", job.key.hex(), msg)
-            self._finish(job, out, tts.error_body(job.rid, *(error or (tts.INTERNAL, msg))))
+            self._finish(job, out, tts.error_body(job.rid, *(error or (tts.INTERNAL, msg))), "errors")
             return
         job.held_start = None
         if job.started:
             job.base = job.delivered
             if not any(c.isalnum() for c in job.request.text[job.base :]):  # type: ignore[union-attr]
-                self._finish(job, out, tts.End(self._stats(job, now)).body(job.rid))
+                self._finish(job, out, tts.End(self._stats(job, now)).body(job.rid), "completed")
                 return
         job.failovers += 1
         job.failover_reason = why
@@ -418,7 +469,7 @@ class BrokerCore:
             if worker.identity in job.failed:
                 continue
             step = next((st for st in self._chain(job) if st.service == worker.service.name), None)
-            if step is not None:
+            if step is not None and self._fits(job, worker, step):
                 self.waiting.remove(job)
                 self._assign(job, worker, step, out)
                 return
@@ -431,12 +482,12 @@ class BrokerCore:
             out.append(Action(False, job.client, mdp.client_reply_frames(job.service, cmd.body, cmd.final)))
             job.replied = True
         if cmd.final:
-            self._job_done(worker, job, out, None)
+            self._job_done(worker, job, out, None, "completed")
 
     def _relay_tts(self, worker: Worker, job: Job, cmd: mdp.WorkerReply, now: float, out: list[Action]) -> None:
         if job.cancelled:
             if cmd.final:
-                self._job_done(worker, job, out, None)
+                self._job_done(worker, job, out, None, "cancelled")
             return
         job.progress = now
         body = cmd.body
@@ -487,10 +538,7 @@ class BrokerCore:
         for frames in send[:-1]:
             out.append(Action(False, job.client, mdp.client_reply_frames(job.service, frames, False)))
         if cmd.final:
-            worker.job = None
-            worker.served += 1
-            self._finish(job, out, send[-1])
-            self._worker_idle(worker, out)
+            self._job_done(worker, job, out, send[-1], "completed" if send[-1][1] == b"end" else "errors")
         elif send:
             out.append(Action(False, job.client, mdp.client_reply_frames(job.service, send[-1], False)))
 
@@ -564,16 +612,19 @@ class BrokerCore:
             "failovers": job.failovers,
         }
 
-    def _job_done(self, worker: Worker, job: Job, out: list[Action], final: Optional[list[bytes]]) -> None:
+    def _job_done(self, worker: Worker, job: Job, out: list[Action], final: Optional[list[bytes]], outcome: str) -> None:
         worker.job = None
         worker.served += 1
-        self._finish(job, out, final)
+        self._finish(job, out, final, outcome)
         self._worker_idle(worker, out)
 
-    def _finish(self, job: Job, out: list[Action], final: Optional[list[bytes]]) -> None:
-        """The single exit of a job: forget it and send the client its FINAL body."""
+    def _finish(self, job: Job, out: list[Action], final: Optional[list[bytes]], outcome: str) -> None:
+        """The single exit of a job: forget it, count its outcome, send the client its FINAL body.
+
+        A job already finished (cancelled, its client gone) is not counted again."""
         if self.jobs.pop(job.key, None) is None:
             return
+        self.counters[outcome] += 1
         if job.rid is not None:
             self.by_client.pop((job.client, job.rid), None)
         n = self.inflight.get(job.client, 1) - 1
@@ -581,11 +632,7 @@ class BrokerCore:
             self.inflight[job.client] = n
         else:
             self.inflight.pop(job.client, None)
-        if final is not None and not job.cancelled:
-            if len(final) > 1 and final[1] == b"error":
-                self.counters["errors"] += 1
-            else:
-                self.counters["completed"] += 1
+        if final is not None:
             out.append(Action(False, job.client, mdp.client_reply_frames(job.service, final, True)))
 
     # --------------------------------------------------------------- clients
@@ -628,6 +675,17 @@ class BrokerCore:
 
     def _tts_request(self, identity: bytes, service_raw: bytes, service: str, body: list[bytes], now: float, out: list[Action]) -> None:
         rid = body[0]
+        if not 1 <= len(rid) <= tts.MAX_REQUEST_ID:
+            log.warning("dropped TTS request with invalid id from client %s", identity.hex())
+            return
+        dup = self.by_client.get((identity, rid))
+        if dup is not None:
+            # One FINAL per id, and nothing after it: the stream in flight ends here,
+            # and the second request is not a request of its own.
+            log.warning("job %s: request id %r reused by client %s while in flight; ending it", dup.key.hex(), rid[:32], identity.hex())
+            self._finish(dup, out, tts.error_body(rid, tts.BAD_REQUEST, "request id reused while its stream was in flight; both ended"), "errors")
+            self._abandon(dup, out)
+            return
         self.counters["requests"] += 1
 
         def fail(code: str, message: str) -> None:
@@ -636,18 +694,12 @@ class BrokerCore:
             out.append(Action(False, identity, mdp.client_reply_frames(service_raw, tts.error_body(rid, code, message), True)))
 
         try:
-            tts.check_request_id(rid)
             if len(body) != 2:
                 raise tts.RequestError(tts.BAD_REQUEST, f"a TTS request has 2 body frames (request id, JSON), got {len(body)}")
-            if (identity, rid) in self.by_client:
-                raise tts.RequestError(tts.BAD_REQUEST, "request id is already in flight on this connection")
             request = tts.parse_request(body[1], self.s.max_text_chars)
             self._check_route(request, service)
         except tts.RequestError as exc:
-            if 1 <= len(rid) <= tts.MAX_REQUEST_ID:
-                fail(exc.code, exc.message)
-            else:
-                log.warning("dropped TTS request with invalid id from client %s", identity.hex())
+            fail(exc.code, exc.message)
             return
         target = None if service == tts.SERVICE else service
         key = self._new_key()
@@ -659,6 +711,7 @@ class BrokerCore:
     def _opaque_request(self, identity: bytes, service_raw: bytes, service: str, body: list[bytes], now: float, out: list[Action]) -> None:
         # The worker sees an address that starts with the client's own and echoes it.
         key = identity + b"\x00" + self._new_key()
+        self.counters["requests"] += 1
         self._enqueue(Job(key, identity, service_raw, body, now + self.s.request_timeout_s, now, target=service), out)
 
     def _new_key(self) -> bytes:
@@ -695,7 +748,7 @@ class BrokerCore:
             if svc is None:
                 continue
             for worker in svc.idle:
-                if worker.identity not in job.failed:
+                if worker.identity not in job.failed and self._fits(job, worker, step):
                     svc.idle.remove(worker)
                     return worker, step
         return None
@@ -714,10 +767,30 @@ class BrokerCore:
         worker.job = job
         body = job.body
         if job.rid is not None:
-            body = [job.rid, self._request_for(job, worker.service, step)]
+            try:
+                body = [job.rid, self._request_for(job, worker, step)]
+            except Exception:
+                # A request the broker cannot forward is this job's failure, not the broker's:
+                # end it, keep the worker, keep the loop.
+                log.exception("job %s: cannot build the request for worker %s; ending it", job.key.hex(), worker.label)
+                worker.job = job.worker = None
+                worker.service.idle.append(worker)
+                self._finish(job, out, tts.error_body(job.rid, tts.INTERNAL, "the broker could not forward this request"), "errors")
+                return
         out.append(Action(True, worker.identity, mdp.WorkerRequest(job.key, body).frames()))
 
-    def _request_for(self, job: Job, svc: Service, step: Step) -> bytes:
+    def _fits(self, job: Job, worker: Worker, step: Step) -> bool:
+        """This worker itself (not just its service) speaks the job's language and voice."""
+        caps, req = worker.caps, job.request
+        if caps is None or req is None or job.target is not None:
+            return True
+        voice = step.voice or req.voice
+        if voice is not None and voice in worker.service.voices and voice not in caps.voices:
+            return False
+        lang = route_language(req.language, self.services.values(), self.s.chains, self.s.default_language)
+        return lang not in worker.service.languages or lang in caps.languages
+
+    def _request_for(self, job: Job, worker: Worker, step: Step) -> bytes:
         """The request as this worker should read it.
 
         Its own language code (through the ``tts`` front door a language the
@@ -730,12 +803,13 @@ class BrokerCore:
         assert req is not None
         update: dict[str, Any] = {}
         lang = tts.normalize_language(req.language)
-        if job.target is None and svc.caps is not None and lang not in svc.caps.get("languages", ()):
+        caps = worker.caps
+        if job.target is None and caps is not None and lang not in caps.languages:
             lang = route_language(req.language, self.services.values(), self.s.chains, self.s.default_language)
         update["language"] = lang
         if step.voice is not None:
             update["voice"] = step.voice
-        elif req.voice is not None and svc.caps is not None and req.voice not in svc.caps.get("voices", ()):
+        elif req.voice is not None and caps is not None and req.voice not in caps.voices:
             update["voice"] = None
         if job.started:
             update.update(text=req.text[job.base :], format=job.format, sample_rate=job.rate)
@@ -761,10 +835,10 @@ class BrokerCore:
         known = [s for s in self.services.values() if s.is_tts]
         if service != tts.SERVICE or not known:
             return
-        if request.engine is not None and not any(s.caps.get("engine") == request.engine for s in known):  # type: ignore[union-attr]
+        if request.engine is not None and not any(s.engine == request.engine for s in known):
             raise tts.RequestError(tts.BAD_REQUEST, f"unknown engine {request.engine!r}: no worker of it has registered")
         if request.voice is not None and request.voice not in self.s.known_voices:
-            voices = sorted({v for s in known for v in s.caps.get("voices", ())} | self.s.known_voices)  # type: ignore[union-attr]
+            voices = sorted({v for s in known for v in s.voices} | self.s.known_voices)
             if request.voice not in voices:
                 raise tts.RequestError(tts.BAD_REQUEST, f"unknown voice {request.voice!r}; known voices: {', '.join(voices)}")
 
@@ -789,8 +863,7 @@ class BrokerCore:
         if job is None:
             return
         log.info("job %s: cancelled by client", job.key.hex())
-        self.counters["cancelled"] += 1
-        self._finish(job, out, tts.error_body(rid, tts.CANCELLED, "cancelled by the client"))
+        self._finish(job, out, tts.error_body(rid, tts.CANCELLED, "cancelled by the client"), "cancelled")
         self._abandon(job, out)
 
     def _abandon(self, job: Job, out: list[Action]) -> None:
@@ -819,46 +892,41 @@ class BrokerCore:
         if jobs:
             log.warning("client %s unreachable: cancelling its %d job(s)", peer.hex(), len(jobs))
         for job in jobs:
-            self.counters["cancelled"] += 1
-            self._finish(job, out, None)
+            self._finish(job, out, None, "cancelled")
             self._abandon(job, out)
         return out
 
     # ---------------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
+        """Services and workers, bounded in size (engine services first, then live ones), and the counters."""
         services = {}
-        for svc in self.services.values():
+        ranked = sorted(self.services.values(), key=lambda svc: (not svc.is_tts, not svc.workers))
+        for svc in ranked[:MAX_STATUS_SERVICES]:
             services[svc.name] = {
                 "tts": svc.is_tts,
-                "engine": svc.caps.get("engine") if svc.caps else None,
-                "languages": svc.caps.get("languages") if svc.caps else None,
+                "engine": svc.engine,
+                "languages": list(svc.languages) if svc.is_tts else None,
                 "workers": [
                     {
                         "id": w.label,
-                        "pid": (w.caps or {}).get("pid"),
-                        "host": (w.caps or {}).get("host"),
+                        "pid": w.caps.pid if w.caps else None,
+                        "host": w.caps.host if w.caps else None,
                         "busy": w.job is not None,
                         "served": w.served,
                     }
-                    for w in svc.workers.values()
+                    for w in itertools.islice(svc.workers.values(), MAX_STATUS_WORKERS)
                 ],
+                "worker_count": len(svc.workers),
                 "idle": len(svc.idle),
                 "inflight": sum(1 for w in svc.workers.values() if w.job is not None),
                 "failures": svc.failures,
                 "last_failure": svc.last_failure,
             }
-        return {"services": services, "waiting": len(self.waiting), "inflight": len(self.jobs), "counters": dict(self.counters)}
-
-
-def _valid_caps(caps: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-    """Accept a capabilities object only if it describes a TTS engine we can route to."""
-    if caps is None or caps.get("protocol") != "tts/1":
-        return None
-    langs = caps.get("languages")
-    if not isinstance(langs, list) or not all(isinstance(x, str) for x in langs):
-        return None
-    voices = caps.get("voices", [])
-    if not isinstance(voices, list):
-        return None
-    return caps
+        return {
+            "services": services,
+            "service_count": len(self.services),
+            "waiting": len(self.waiting),
+            "inflight": len(self.jobs),
+            "counters": dict(self.counters),
+        }

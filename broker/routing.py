@@ -21,14 +21,19 @@ How a chain is chosen (PROTOCOL.md repeats this for client authors):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Protocol
+from typing import Iterable, Mapping, Optional, Protocol
 
 from . import tts
 
 
 class _Service(Protocol):
+    """What routing reads of a service: what its live workers, together, can do."""
+
     name: str
-    caps: Optional[dict[str, Any]]
+    is_tts: bool
+    engine: Optional[str]
+    languages: tuple[str, ...]
+    voices: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -51,11 +56,7 @@ def parse_step(spec: str) -> Step:
 
 
 def _speaks(svc: _Service, lang: str) -> bool:
-    return svc.caps is not None and lang in svc.caps.get("languages", ())
-
-
-def _engine(svc: _Service) -> Optional[str]:
-    return svc.caps.get("engine") if svc.caps else None
+    return svc.is_tts and lang in svc.languages
 
 
 def route_language(language: str, services: Iterable[_Service], chains: Mapping[str, tuple[Step, ...]], default: str) -> str:
@@ -79,15 +80,14 @@ def chain_for(
         steps = list(chains[lang])
     else:
         tts_services = [s for s in services.values() if _speaks(s, lang)]
-        steps = [Step(s.name) for s in sorted(tts_services, key=lambda s: (_engine(s) != "piper", s.name))]
+        steps = [Step(s.name) for s in sorted(tts_services, key=lambda s: (s.engine != "piper", s.name))]
     out = []
     for step in steps:
         svc = services.get(step.service)
-        caps = svc.caps if svc is not None else None
-        if request.engine is not None and (caps is None or caps.get("engine") != request.engine):
+        if request.engine is not None and (svc is None or svc.engine != request.engine):
             continue
         if request.voice is not None:
-            if caps is None or request.voice not in caps.get("voices", ()) or step.voice not in (None, request.voice):
+            if svc is None or request.voice not in svc.voices or step.voice not in (None, request.voice):
                 continue
         out.append(step)
     return out

@@ -12,7 +12,7 @@ import functools
 import logging
 import threading
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import zmq
 import zmq.backend
@@ -44,8 +44,10 @@ class BrokerServer:
         self.backend_ep = backend
         self.stop_event = threading.Event()
         self.frontend = self._router(max_message_bytes, client_hwm)
+        # No ROUTER_HANDOVER: a peer connecting with a live worker's routing id
+        # is refused rather than handed the worker's session (workers take a
+        # fresh id for every connection, so they never need handover).
         self.backend = self._router(max_message_bytes, 10_000)
-        self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
         # The Cython send underneath pyzmq's Python wrapper: half the cost per
         # frame, and an MDP message is up to eight frames.
         self._send_frontend = functools.partial(zmq.backend.Socket.send, self.frontend)
@@ -88,7 +90,7 @@ class BrokerServer:
                     failed.append(Action(to_worker, peer, frames))
             pending = []
             for to_worker, peer, _ in {(a.to_worker, a.peer): a for a in failed}.values():
-                pending += self.core.on_send_failed(to_worker, peer, now)
+                pending += self._guarded("a failed send", self.core.on_send_failed, to_worker, peer, now)
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -110,7 +112,7 @@ class BrokerServer:
                     self._drain(self.frontend, core.on_client)
                 now = time.monotonic()
                 if now >= next_tick:
-                    self._apply(core.tick(now), now)
+                    self._apply(self._guarded("a tick", core.tick, now), now)
                     next_tick = now + period
         finally:
             self.frontend.close(linger=0)
@@ -127,14 +129,20 @@ class BrokerServer:
             now = time.monotonic()
             if len(msg) < 2:
                 continue
-            try:
-                actions = handle(msg[0], msg[1:], now)
-            except Exception:
-                # The core is meant never to raise on input; if it does, lose
-                # this one message rather than the broker.
-                log.exception("internal error handling a message from %s; message dropped", msg[0].hex())
-                continue
-            self._apply(actions, now)
+            self._apply(self._guarded(f"a message from {msg[0].hex()}", handle, msg[0], msg[1:], now), now)
+
+    @staticmethod
+    def _guarded(what: str, handler: Callable[..., list[Action]], *args: Any) -> list[Action]:
+        """Run one core entry point; an exception loses that one event, never the loop.
+
+        The core is meant never to raise (it ends a job it cannot handle with
+        ``internal``); this is the last line, so that a bug costs one message
+        and a traceback in the log rather than a deaf broker."""
+        try:
+            return handler(*args)
+        except Exception:
+            log.exception("internal error handling %s; dropped", what)
+            return []
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -52,6 +52,38 @@ MAX_RATE = 48000
 
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")
 
+_CONTROLS = {c: " " for c in (*range(0x00, 0x20), *range(0x7F, 0xA0)) if chr(c) not in "\t\n\r"}
+"""C0 controls but tab and line breaks, DEL, and C1 controls: each becomes one space.
+
+They are not text an engine can speak (a NUL even breaks some phonemizers), so
+they are cleaned at admission rather than reported as engine faults; one space
+each keeps every character offset (marks, failover resume points) valid."""
+
+
+def clean_text(text: str) -> str:
+    """``text`` with control characters replaced by spaces, same length."""
+    return text.translate(_CONTROLS)
+
+
+def _unencodable(obj: Any) -> Optional[str]:
+    """Where in a parsed JSON value a string holds a lone surrogate (JSON allows ``\\ud800``; UTF-8 does not).
+
+    Iterative: a JSON value may nest as deep as the parser allows."""
+    stack: list[tuple[str, Any]] = [("body", obj)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return f"{where}: lone surrogate U+{ord(value[exc.start]):04X} at character {exc.start} is not Unicode text"
+        elif isinstance(value, dict):
+            stack += ((f"{where} key", k) for k in value)
+            stack += ((f"{where}.{k}" if where != "body" else k, v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack += ((f"{where}[{i}]", v) for i, v in enumerate(value))
+    return None
+
 
 class RequestError(Exception):
     """A request that cannot be served; becomes a FINAL ``error`` event."""
@@ -89,6 +121,7 @@ class SynthesisRequest(BaseModel):
     @field_validator("text")
     @classmethod
     def _text_not_blank(cls, v: str) -> str:
+        v = clean_text(v)
         if not v.strip():
             raise ValueError("text is empty")
         return v
@@ -110,6 +143,9 @@ def parse_request(raw: bytes, max_text_chars: int) -> SynthesisRequest:
         obj = json_object(raw, "body")
     except ValueError as exc:
         raise RequestError(BAD_REQUEST, str(exc)) from None
+    bad = _unencodable(obj)
+    if bad is not None:
+        raise RequestError(BAD_REQUEST, bad)
     text = obj.get("text")
     if isinstance(text, str) and len(text) > max_text_chars:
         raise RequestError(TOO_LARGE, f"text is {len(text)} characters; the limit is {max_text_chars}")

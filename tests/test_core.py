@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RULE_MARKER, RuleBasedStateMachine, invariant, precondition, rule
 
 from broker import mdp, tts
-from broker.core import Action, BrokerCore, CoreSettings
+from broker.core import MAX_EMPTY_SERVICES, MAX_STATUS_SERVICES, MAX_STATUS_WORKERS, OUTCOMES, Action, BrokerCore, CoreSettings
 from broker.routing import Step, parse_step
 
 # The core logs every refusal and failure; keep test output quiet.
@@ -440,7 +440,7 @@ def test_broker_rewrites_sequence_and_injects_worker_id() -> None:
             (final, rid, ev), *evs = evs
             assert not final and rid == b"a"
             assert isinstance(ev, tts.Start)
-            assert ev.worker == {"pid": 123, "id": "W1"}
+            assert ev.worker == {"pid": 123, "id": "w1"}
             assert ev.sample_rate == 22050 and ev.format == "s16le" and ev.engine == "piper"
             assert ev.extra == {"model": "tiny"}
         [(final, rid, ev)] = evs
@@ -832,7 +832,7 @@ def test_engine_service_addressed_directly() -> None:
     assert to_client(rig.core.on_worker(W2, start(req.address, b"a"), 0.2), C1) == []
     out = rig.core.on_worker(W2, end(req.address, b"a"), 0.3)
     [s, r] = to_client(out, C1)
-    assert s.service == SVC_EN_AMY and not s.final and tts.decode_event(s.body)[1].worker["id"] == "W2"  # type: ignore[union-attr]
+    assert s.service == SVC_EN_AMY and not s.final and tts.decode_event(s.body)[1].worker["id"] == "w2"  # type: ignore[union-attr]
     assert r.service == SVC_EN_AMY and r.final
     assert tts.decode_event(r.body)[0] == b"a"
 
@@ -937,7 +937,7 @@ def test_status_reports_failovers_and_service_failures() -> None:
     svc = st["services"][SVC_EN]
     assert svc["failures"] == 1 and svc["last_failure"] == "worker disconnected"
     assert svc["inflight"] == 1 and svc["idle"] == 0
-    assert [w["id"] for w in svc["workers"]] == ["W2"]
+    assert [w["id"] for w in svc["workers"]] == ["w2"]
     rig.serve(W2, k, b"a", now=0.2)
     assert rig.core.status()["services"][SVC_EN]["inflight"] == 0
 
@@ -1149,12 +1149,47 @@ def test_ready_for_reserved_service_is_refused(service: str, with_caps: bool) ->
     assert service not in rig.core.services
 
 
-def test_ready_with_invalid_tts_caps_is_an_opaque_worker() -> None:
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"languages": "en"},
+        {"languages": []},
+        {"languages": [1]},
+        {"voices": [1, {"a": 1}]},
+        {"voices": "joe"},
+        {"engine": 5},
+        {"engine": ""},
+        {"pid": "123"},
+    ],
+)
+def test_ready_with_invalid_tts_caps_is_disconnected(bad: dict[str, Any]) -> None:
     rig = Rig()
-    rig.core.on_worker(W1, ready("odd", {"protocol": "tts/1", "languages": "en"}), 0.0)
-    assert W1 in rig.core.workers and not rig.core.services["odd"].is_tts
-    rig.core.on_worker(W2, ready("odd2", {"protocol": "other"}), 0.0)
+    out = rig.core.on_worker(W1, ready("odd", {**CAPS_EN, **bad}), 0.0)
+    assert out == [Action(True, W1, mdp.DISCONNECT_FRAMES)]
+    assert W1 not in rig.core.workers and "odd" not in rig.core.services
+
+
+def test_non_string_voices_never_reach_routing() -> None:
+    """Once broke the broker: a later request with an unknown voice got no FINAL (unhashable dict)."""
+    rig = Rig()
+    rig.core.on_worker(W2, ready(SVC_EN_AMY, {**CAPS_EN_AMY, "voices": [1, {"a": 1}]}), 0.0)
+    rig.worker(W1)
+    assert error_code(rig.request(C1, b"a", voice="nobody"), C1) == tts.BAD_REQUEST
+
+
+def test_ready_without_tts_protocol_is_a_plain_worker() -> None:
+    rig = Rig()
+    rig.worker(W2, "odd2", {"protocol": "other", "languages": 5})
     assert not rig.core.services["odd2"].is_tts
+
+
+def test_ready_of_another_kind_than_the_live_workers_is_refused() -> None:
+    rig = Rig()
+    rig.worker(W1)
+    for capabilities in (None, caps(engine="xtts")):
+        out = rig.core.on_worker(W2, ready(SVC_EN, capabilities), 0.0)
+        assert out == [Action(True, W2, mdp.DISCONNECT_FRAMES)] and W2 not in rig.core.workers
+    assert rig.core.services[SVC_EN].engine == "piper"
 
 
 # --------------------------------------------------------------------------
@@ -1179,7 +1214,7 @@ def test_failover_after_audio_resumes_at_the_last_mark() -> None:
     k = job_key(rig.request(C1, b"a", text=text, format="f32le", now=0.0), W1)
     evs = _stream_on(rig, W1, k, b"a", 0.2, fmt="f32le", rate=16000, marks=(4,))
     assert [type(ev).__name__ for _, _, ev in evs] == ["Start", "Audio", "Other"]
-    assert evs[0][2].worker["id"] == "W1"  # type: ignore[union-attr]
+    assert evs[0][2].worker["id"] == "w1"  # type: ignore[union-attr]
     assert other_json(evs[2][2]) == {"segment": 0, "end": 4}
     # W1 gets half way into "Two." and falls silent.
     assert names(rig.core.on_worker(W1, audio(k, b"a", b"\x00" * 8), 0.3), C1) == ["audio"]
@@ -1200,7 +1235,7 @@ def test_failover_after_audio_resumes_at_the_last_mark() -> None:
     [(final, rid, ev)] = events(out, C1)
     assert not final and rid == b"a" and isinstance(ev, tts.Other) and ev.event == "failover"
     fo = other_json(ev)
-    assert fo == {"engine": "piper", "voice": "en_US-joe-medium", "worker": {"pid": 123, "id": "W2"}, "reason": "heartbeat lost", "resume_at": 4}
+    assert fo == {"engine": "piper", "voice": "en_US-joe-medium", "worker": {"pid": 123, "id": "w2"}, "reason": "heartbeat lost", "resume_at": 4}
     # Sequence numbers go on without a gap; W2's marks are offset by resume_at.
     out = rig.core.on_worker(W2, audio(k, b"a", b"\x00" * 8, 0), 3.5)
     [(_, _, ev)] = events(out, C1)
@@ -1252,7 +1287,7 @@ def test_failover_before_audio_is_invisible() -> None:
     evs = events(out, C1)
     assert names(out, C1) == ["start", "audio"]
     st_ = evs[0][2]
-    assert isinstance(st_, tts.Start) and st_.worker["id"] == "W2"
+    assert isinstance(st_, tts.Start) and st_.worker["id"] == "w2"
     assert st_.format == "s16le" and st_.sample_rate == 22050
     assert evs[1][2].seq == 0  # type: ignore[union-attr]
     rig.core.on_worker(W2, mark(k, b"a", 9), 0.45)
@@ -1274,7 +1309,7 @@ def test_failover_before_audio_client_sees_exactly_one_start() -> None:
     seen += rig.core.on_worker(W3, audio(k, b"a", b"\x00\x00"), 0.6)
     seen += rig.core.on_worker(W3, end(k, b"a"), 0.7)
     assert names(seen, C1) == ["start", "audio", "end!"]
-    assert events(seen, C1)[0][2].worker["id"] == "W3"  # type: ignore[union-attr]
+    assert events(seen, C1)[0][2].worker["id"] == "w3"  # type: ignore[union-attr]
     assert events(seen, C1)[-1][2].stats["failovers"] == 2  # type: ignore[union-attr]
 
 
@@ -1575,7 +1610,7 @@ def test_failover_from_piper_to_xtts_when_the_only_piper_worker_dies() -> None:
     out = rig.core.on_worker(W2, start(k, b"a", engine="xtts", voice="narrator"), 3.2)
     [(_, _, ev)] = events(out, C1)
     fo = other_json(ev)
-    assert fo["engine"] == "xtts" and fo["voice"] == "narrator" and fo["worker"]["id"] == "W2"
+    assert fo["engine"] == "xtts" and fo["voice"] == "narrator" and fo["worker"]["id"] == "w2"
     rig.core.on_worker(W2, audio(k, b"a", b"\x00\x00"), 3.3)
     rig.core.on_worker(W2, mark(k, b"a", 5), 3.3)
     [(_, _, ev)] = events(rig.core.on_worker(W2, end(k, b"a"), 3.4), C1)
@@ -1795,20 +1830,29 @@ def test_request_with_invalid_id_is_dropped(rid: bytes) -> None:
     assert not rig.core.jobs
 
 
-def test_duplicate_request_id_is_bad_request() -> None:
+def test_reused_request_id_ends_the_stream_in_flight_with_one_final() -> None:
     rig = Rig()
     rig.worker(W1)
     k = job_key(rig.request(C1, b"a"), W1)
+    rig.core.on_worker(W1, start(k, b"a"), 0.05)
+    rig.core.on_worker(W1, audio(k, b"a", b"\x00\x00" * 4), 0.05)
     out = rig.request(C1, b"a", now=0.1)
-    assert error_code(out, C1) == tts.BAD_REQUEST
-    assert requests_to(out, W1) == []
-    # The original job is untouched, and another client may use the same id.
-    assert rig.core.by_client[(C1, b"a")].key == k
-    assert rig.request(C2, b"a", now=0.2) == []
-    assert (C2, b"a") in rig.core.by_client
-    # Once finished the id may be reused.
-    rig.serve(W1, k, b"a", now=0.3)
+    # Exactly one FINAL for the id, the stream in flight is ended, its worker told to stop,
+    # and the duplicate is not dispatched.
+    assert names(out, C1) == ["error!"] and error_code(out, C1) == tts.BAD_REQUEST
+    assert [r.body for r in requests_to(out, W1)] == [[tts.WORKER_CANCEL]]
+    assert (C1, b"a") not in rig.core.by_client and not rig.core.jobs
+    # Nothing after the FINAL: the old worker's remaining audio and end are dropped.
+    later = rig.core.on_worker(W1, audio(k, b"a", b"\x00\x00" * 4, 1), 0.2)
+    later += rig.core.on_worker(W1, end(k, b"a"), 0.2)
+    assert to_client(later, C1) == []
+    c = rig.core.counters
+    assert (c["requests"], c["errors"], c["completed"]) == (1, 1, 0)
+    # Another client may use the same id, and once finished the id may be reused.
+    assert rig.request(C2, b"a", now=0.3) != [] and (C2, b"a") in rig.core.by_client
     assert (C1, b"a") not in rig.core.by_client
+    rig.request(C1, b"a", now=0.4)
+    assert (C1, b"a") in rig.core.by_client
 
 
 def test_per_client_inflight_limit() -> None:
@@ -2024,15 +2068,11 @@ class BrokerMachine(RuleBasedStateMachine):
                 assert isinstance(ev, (tts.End, tts.Error)), ev
                 if isinstance(ev, tts.Error):
                     assert ev.code in tts.ERROR_CODES
-                live = self.core.by_client.get((a.peer, rid))
-                if live is None or live.service.decode() != r.service:
-                    self.streams.pop(key, None)
-                    if isinstance(ev, tts.End):
-                        self._check_end(key, stream, ev)
-                else:
-                    # A refused duplicate of a request id still in flight: the
-                    # original stream goes on (the client cannot tell them apart).
-                    assert isinstance(ev, tts.Error) and ev.code in (tts.BAD_REQUEST, tts.OVERLOADED), ev
+                # A FINAL ends its id: nothing live may still answer to it.
+                assert (a.peer, rid) not in self.core.by_client
+                self.streams.pop(key, None)
+                if isinstance(ev, tts.End):
+                    self._check_end(key, stream, ev)
                 self._got(key)
             elif isinstance(ev, tts.Start):
                 # At most one start per stream, hence never after audio.
@@ -2118,9 +2158,10 @@ class BrokerMachine(RuleBasedStateMachine):
         # Address the engine service only once it is known as TTS, so that
         # every reply on that name is a TTS event.
         service = SVC_EN if direct and self.core._is_tts_service(SVC_EN) else "tts"
-        if 1 <= len(rid) <= tts.MAX_REQUEST_ID:
-            self.sent[(client, service, rid)] += 1
         before = self.core.by_client.get((client, rid))
+        # A reused id in flight is not a request of its own: it ends the one in flight.
+        if 1 <= len(rid) <= tts.MAX_REQUEST_ID and before is None:
+            self.sent[(client, service, rid)] += 1
         self._client(client, [b"MDPC02", b"\x01", service.encode(), rid, *body])
         job = self.core.by_client.get((client, rid))
         if job is not None and job is not before:
@@ -2362,6 +2403,13 @@ class BrokerMachine(RuleBasedStateMachine):
         assert core.counters["failovers"] >= sum(j.failovers for j in core.jobs.values())
 
     @invariant()
+    def outcomes_add_up(self) -> None:
+        """Every request is in flight or landed in exactly one outcome counter."""
+        c = self.core.counters
+        assert c["requests"] == sum(c[o] for o in OUTCOMES) + len(self.core.jobs), c
+        assert c["requests"] == sum(self.sent.values())
+
+    @invariant()
     def finals_accounted(self) -> None:
         jobs = self.core.jobs
         for client in SM_CLIENTS:
@@ -2464,3 +2512,156 @@ def test_engines_in_end_stats_are_the_ones_that_spoke() -> None:
     out = rig.serve(W2, req.address, b"a", 0.4)
     [final] = to_client(out, C1)
     assert json.loads(final.body[2])["engines"] == ["piper"]
+
+
+# --------------------------------------------------------------------------
+# Hardening: what probing the wire found (issue 11)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["text", "voice"])
+def test_lone_surrogate_is_refused_at_admission(field: str) -> None:
+    rig = Rig()
+    rig.worker(W1)
+    body = {"text": "hello", field: "\ud800 hello"}
+    out = rig.core.on_client(C1, [b"MDPC02", b"\x01", b"tts", b"a", json.dumps(body).encode()], 0.0)
+    assert error_code(out, C1) == tts.BAD_REQUEST and requests_to(out, W1) == []
+    [(_, _, ev)] = events(out, C1)
+    assert field in ev.message and "surrogate" in ev.message  # type: ignore[union-attr]
+
+
+def test_request_the_broker_cannot_forward_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception while handing a job to a worker ends that job with ``internal``, nothing else."""
+    rig = Rig()
+    rig.worker(W1)
+    real = BrokerCore._request_for
+
+    def explode(self: BrokerCore, job: Any, worker: Any, step: Step) -> bytes:
+        if job.rid == b"bad":
+            raise RuntimeError("cannot encode")
+        return real(self, job, worker, step)
+
+    monkeypatch.setattr(BrokerCore, "_request_for", explode)
+    out = rig.request(C1, b"bad")
+    assert error_code(out, C1) == tts.INTERNAL and requests_to(out, W1) == []
+    assert W1 in rig.core.workers and rig.core.workers[W1] in rig.core.services[SVC_EN].idle
+    k = job_key(rig.request(C1, b"good", now=0.1), W1)
+    assert names(rig.serve(W1, k, b"good", now=0.2), C1) == ["end!"]
+    assert rig.core.counters["errors"] == 1 and rig.core.counters["completed"] == 1
+
+
+@pytest.mark.parametrize("code", [c for c in range(0x20) if chr(c) not in "\t\n\r"] + [0x7F, 0x85, 0x9F])
+def test_control_characters_are_cleaned_at_admission(code: int) -> None:
+    rig = Rig()
+    rig.worker(W1)
+    text = f"Hello{chr(code)}there."
+    [req] = requests_to(rig.request(C1, b"a", text=text), W1)
+    sent = json.loads(req.body[1])["text"]
+    assert sent == "Hello there." and len(sent) == len(text)
+
+
+def test_only_control_characters_is_empty_text() -> None:
+    rig = Rig()
+    rig.worker(W1)
+    assert error_code(rig.request(C1, b"a", text="\x00\x01\x7f"), C1) == tts.BAD_REQUEST
+
+
+def test_a_departed_workers_languages_leave_with_it() -> None:
+    """One odd READY must not redefine a service for good (it used to replace its capabilities)."""
+    rig = Rig()
+    rig.worker(W1)
+    rig.core.on_worker(W2, ready(SVC_EN, caps("zz")), 0.0)
+    assert rig.core.services[SVC_EN].languages == ("en", "zz")
+    rig.core.on_worker(W2, DISCONNECT, 0.1)
+    assert rig.core.services[SVC_EN].languages == ("en",)
+    assert requests_to(rig.request(C1, b"a", now=0.2), W1)
+
+
+def test_each_worker_gets_only_what_it_speaks() -> None:
+    rig = Rig()
+    rig.worker(W1, SVC_XTTS, caps("pt", "ana", engine="xtts"))
+    rig.worker(W2, SVC_XTTS, caps("en", "narrator", engine="xtts"))
+    out = rig.request(C1, b"a", language="en")
+    assert requests_to(out, W2) and not requests_to(out, W1)
+    out = rig.request(C1, b"b", voice="ana", language="pt")
+    assert requests_to(out, W1)
+
+
+def test_a_language_whose_only_engine_left_waits_for_a_restart_then_falls_back() -> None:
+    """Decided: a restart gets ``service_grace_s``; after it the language routes as if never served."""
+    rig = Rig()
+    rig.worker(W1)
+    rig.worker(W2, SVC_PT, CAPS_PT)
+    rig.core.on_worker(W2, DISCONNECT, 0.0)
+    # Within the grace period a pt request waits for the pt voice ...
+    assert rig.request(C1, b"a", language="pt-BR", now=1.0) == []
+    assert len(rig.core.waiting) == 1
+    # ... which comes back and takes it.
+    out = rig.worker(W3, SVC_PT, CAPS_PT, now=2.0)
+    assert requests_to(out, W3)
+    rig.core.on_worker(W3, DISCONNECT, 2.5)
+    rig.keepalive(2.5)
+    assert rig.request(C1, b"b", language="pt-BR", now=3.0) == []
+    grace = rig.core.s.service_grace_s
+    rig.keepalive(2.5 + grace - 0.5)
+    assert not requests_to(rig.core.tick(2.5 + grace - 0.1), W1)
+    rig.keepalive(2.5 + grace)
+    out = rig.core.tick(2.5 + grace + 0.01)
+    # Forgotten: the waiting request goes to the default language's voice, as before pt ever registered.
+    [req] = requests_to(out, W1)
+    assert json.loads(req.body[1])["language"] == "en"
+    assert SVC_PT not in rig.core.services
+
+
+def test_cycling_readys_do_not_grow_the_service_table() -> None:
+    rig = Rig()
+    for i in range(5000):
+        rig.core.on_worker(W1, ready(f"svc{i}", None), i * 1e-4)
+        rig.core.on_worker(W1, DISCONNECT, i * 1e-4)
+    assert len(rig.core.services) <= MAX_EMPTY_SERVICES
+    st_ = rig.core.status()
+    assert len(st_["services"]) <= MAX_EMPTY_SERVICES and len(json.dumps(st_)) < 100_000
+
+
+def test_status_is_bounded_and_lists_engine_services_first() -> None:
+    rig = Rig()
+    for i in range(MAX_STATUS_SERVICES + 10):
+        rig.worker(b"opaque%d" % i, f"svc{i}", None)
+    rig.worker(W1)
+    for i in range(MAX_STATUS_WORKERS + 5):
+        rig.worker(b"en%d" % i)
+    st_ = rig.core.status()
+    assert len(st_["services"]) == MAX_STATUS_SERVICES and st_["service_count"] == MAX_STATUS_SERVICES + 11
+    en = st_["services"][SVC_EN]
+    assert len(en["workers"]) == MAX_STATUS_WORKERS and en["worker_count"] == MAX_STATUS_WORKERS + 6
+
+
+def test_public_worker_id_is_not_the_routing_id() -> None:
+    rig = Rig()
+    ident = b"piper.en_US-joe-medium/4242/abc/1"
+    rig.worker(ident)
+    [w] = rig.core.status()["services"][SVC_EN]["workers"]
+    assert w["id"] != ident.decode() and ident.hex() not in w["id"]
+
+
+def test_outcomes_are_counted_once_each() -> None:
+    rig = Rig(replace(SETTINGS, max_inflight_per_client=3))
+    rig.worker(W1)
+    rig.worker(W2, "echo", None)
+    k = job_key(rig.request(C1, b"done"), W1)
+    rig.serve(W1, k, b"done", 0.1)
+    rig.request(C1, b"bad", text="")  # refused: errors
+    rig.request(C1, b"q1", now=0.2)  # waits
+    rig.core.on_client(C1, cancel(b"q1"), 0.3)  # cancelled, once
+    rig.request(C2, b"q2", now=0.4)  # waits, then expires
+    rig.keepalive(TIMEOUT)
+    rig.core.tick(TIMEOUT + 0.5)
+    # Opaque jobs count too: one answered, one whose client vanished.
+    out = rig.core.on_client(C1, [b"MDPC02", b"\x01", b"echo", b"x"], TIMEOUT + 1)
+    key = requests_to(out, W2)[0].address
+    rig.core.on_worker(W2, [b"MDPW02", b"\x04", key, b"", b"y"], TIMEOUT + 1)
+    out = rig.core.on_client(C2, [b"MDPC02", b"\x01", b"echo", b"x"], TIMEOUT + 1)
+    rig.core.on_send_failed(False, C2, TIMEOUT + 1)
+    c = rig.core.counters
+    assert not rig.core.jobs
+    assert (c["requests"], c["completed"], c["errors"], c["cancelled"], c["expired"]) == (6, 2, 1, 2, 1)
