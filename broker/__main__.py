@@ -20,6 +20,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--liveness", type=int, default=d.liveness)
     p.add_argument("--request-timeout-ms", type=int, default=d.request_timeout_ms)
     p.add_argument("--stuck-timeout-ms", type=int, default=d.stuck_timeout_ms)
+    p.add_argument("--service-grace-ms", type=int, default=d.service_grace_ms)
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -27,6 +28,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         broker=BrokerConfig(
             frontend=a.frontend, backend=a.backend, heartbeat_ms=a.heartbeat_ms,
             liveness=a.liveness, request_timeout_ms=a.request_timeout_ms, stuck_timeout_ms=a.stuck_timeout_ms,
+            service_grace_ms=a.service_grace_ms,
         ),
         workers=[],
     )

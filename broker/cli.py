@@ -7,16 +7,21 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import soundfile
+import zmq
 
 from . import tts
 from .client import TtsClient, TtsError
 from .config import BrokerConfig, Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from .server import BrokerServer
 
 log = logging.getLogger("broker.cli")
 
@@ -66,27 +71,80 @@ def _print_result(r: dict) -> None:
 
 
 class Service:
-    """A broker plus its supervised workers, in this process (``serve`` and ``demo``)."""
+    """A broker plus its supervised workers, in this process (``serve`` and ``demo``).
+
+    The broker is a thread here, the workers are processes (see
+    :mod:`broker.supervisor`). A broker thread that ends without being asked to
+    would leave ``serve`` up but deaf, so :meth:`check` (polled by ``serve``)
+    replaces it with a fresh broker on the same endpoints. Workers re-register
+    by themselves once the old broker falls silent; requests in flight on the
+    dead one are lost, and its counters restart from zero.
+    """
+
+    REBIND_S = 5.0
+    """How long a restart retries binding while the dead broker's sockets are being closed."""
 
     def __init__(self, cfg: Config) -> None:
         from .__main__ import serve_broker
         from .supervisor import Supervisor
 
         self.server = serve_broker(cfg)
+        # The bound endpoints (real ports for ``*``): workers and restarts use these.
         cfg.broker.backend = self.server.backend_ep
         cfg.broker.frontend = self.server.frontend_ep
         self.cfg = cfg
         self.supervisor = Supervisor(cfg)
+        self.restarts = 0
+        """Broker threads replaced by :meth:`check`."""
+        self._stopping = False
 
     def __enter__(self) -> "Service":
-        self.thread = self.server.start_thread()
+        self.thread = self._start_broker()
         self.supervisor.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stopping = True
         self.supervisor.stop()
         self.server.stop()
         self.thread.join(timeout=5)
+
+    def _start_broker(self) -> threading.Thread:
+        server = self.server
+
+        def run() -> None:
+            # Logged here, so that why the broker died is in the log, next to its restart.
+            try:
+                server.run()
+            except BaseException:
+                log.exception("broker thread failed")
+
+        thread = threading.Thread(target=run, name="broker", daemon=True)
+        thread.start()
+        return thread
+
+    def check(self) -> None:
+        """Restart the broker if its thread ended while no stop was asked for."""
+        if self._stopping or self.thread.is_alive():
+            return
+        self.restarts += 1
+        log.error("broker thread died; restarting it (restart %d)", self.restarts)
+        self.server = self._rebind()
+        self.thread = self._start_broker()
+
+    def _rebind(self) -> BrokerServer:
+        from .__main__ import serve_broker
+
+        deadline = time.monotonic() + self.REBIND_S
+        while True:
+            try:
+                return serve_broker(self.cfg)
+            except zmq.ZMQError as exc:
+                # The old sockets are closed by run() on its way out, but libzmq
+                # releases the ports asynchronously.
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -104,9 +162,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    with Service(cfg):
+    with Service(cfg) as svc:
         while not stop:
             time.sleep(0.1)
+            svc.check()
     log.info("shut down cleanly")
     return 0
 

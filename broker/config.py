@@ -48,6 +48,9 @@ class BrokerConfig(_Strict):
     """A busy worker that sends nothing back for this long is failed over."""
     max_failovers: int = Field(default=3, ge=0, le=100)
     """A request that has failed this many workers ends with ``internal``."""
+    service_grace_ms: int = Field(default=5000, ge=0, le=3_600_000)
+    """A service whose last worker left is remembered this long (for a supervised restart);
+    after it, its requests route as if it had never registered."""
 
 
 class RoutingConfig(_Strict):
@@ -142,6 +145,7 @@ class Config(_Strict):
             chains=self.routing.parsed(),
             stuck_timeout_s=b.stuck_timeout_ms / 1000,
             max_failovers=b.max_failovers,
+            service_grace_s=b.service_grace_ms / 1000,
         )
 
 

@@ -52,8 +52,14 @@ class BrokerServer:
         # frame, and an MDP message is up to eight frames.
         self._send_frontend = functools.partial(zmq.backend.Socket.send, self.frontend)
         self._send_backend = functools.partial(zmq.backend.Socket.send, self.backend)
-        self.frontend.bind(frontend)
-        self.backend.bind(backend)
+        try:
+            self.frontend.bind(frontend)
+            self.backend.bind(backend)
+        except zmq.ZMQError:
+            # A half-bound broker must not hold the port a retry needs.
+            self.frontend.close(linger=0)
+            self.backend.close(linger=0)
+            raise
         # Report the real endpoints when port 0 / wildcards were asked for.
         self.frontend_ep = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_ep = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)

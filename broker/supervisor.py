@@ -2,17 +2,28 @@
 
 Workers are separate processes (a crashed or frozen model never takes the
 broker down), started with the same Python as the broker.
+
+They must also die with it: a ``kill -9`` of ``serve`` gives no chance to stop
+them, and orphans would register with the next ``serve`` on the same ports. On
+Linux each worker asks the kernel for SIGTERM when its parent goes
+(``PR_SET_PDEATHSIG``). That signal fires when the *thread* that forked the
+worker ends, not the process, so every worker is spawned from the supervisor's
+own watch thread, which lives exactly as long as the supervisor. Elsewhere
+workers are only stopped by :meth:`Supervisor.stop`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from .config import Config, WorkerConfig
 
@@ -22,6 +33,29 @@ BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 15.0
 STABLE_AFTER_S = 30.0
 """A worker that ran this long resets its backoff."""
+
+
+PR_SET_PDEATHSIG = 1
+"""From ``<linux/prctl.h>``."""
+
+
+def _die_with_parent() -> Optional[Callable[[], None]]:
+    """A ``preexec_fn`` that makes the child get SIGTERM when the forking thread ends; None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork, not in the child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        # The parent may have died between fork and prctl: nobody would signal us then.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 @dataclass(eq=False)
@@ -60,6 +94,8 @@ def worker_argv(cfg: Config, w: WorkerConfig) -> list[str]:
 
 
 class Supervisor:
+    """The worker processes of a config, each restarted with backoff when it exits."""
+
     def __init__(self, cfg: Config) -> None:
         self.slots = [
             _Slot(f"{w.engine}:{w.model_dir if w.engine == 'xtts' else w.voice}#{i}", worker_argv(cfg, w))
@@ -70,17 +106,27 @@ class Supervisor:
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
-        for slot in self.slots:
-            self._spawn(slot)
+        """Start the watch thread, which spawns every worker (see the module docstring for why there)."""
         self._thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
         self._thread.start()
 
     def _spawn(self, slot: _Slot) -> None:
-        slot.proc = subprocess.Popen(slot.argv)
         slot.started = time.monotonic()
+        try:
+            slot.proc = subprocess.Popen(slot.argv, preexec_fn=_die_with_parent())
+        except OSError as exc:
+            # Retried with backoff: letting it end the watch thread would take every worker with it.
+            log.error("cannot start worker %s: %s; retrying in %.1fs", slot.name, exc, slot.backoff)
+            slot.restart_at = slot.started + slot.backoff
+            slot.backoff = min(slot.backoff * 2, BACKOFF_MAX_S)
+            return
         log.info("started worker %s (pid %d)", slot.name, slot.proc.pid)
 
     def _watch(self) -> None:
+        for slot in self.slots:
+            if self.stop_event.is_set():  # stop() came while the first workers were starting
+                return
+            self._spawn(slot)
         while not self.stop_event.wait(0.2):
             now = time.monotonic()
             for slot in self.slots:
@@ -97,9 +143,6 @@ class Supervisor:
                 elif proc is None and now >= slot.restart_at and not self.stop_event.is_set():
                     slot.restarts += 1
                     self._spawn(slot)
-
-    def pids(self) -> list[int]:
-        return [s.proc.pid for s in self.slots if s.proc is not None and s.proc.poll() is None]
 
     def stop(self, timeout: float = 5.0) -> None:
         self.stop_event.set()

@@ -1,4 +1,5 @@
-"""Process-level behaviour: crashed workers restart, vanished clients are cancelled, clean shutdown."""
+"""Process-level behaviour: crashed workers restart, vanished clients are cancelled, clean shutdown,
+workers die with ``serve`` even on ``kill -9``, and a dead broker thread is replaced."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,8 @@ import pytest
 import zmq
 
 from broker import mdp
+from broker.cli import Service
+from broker.config import BrokerConfig, Config
 from broker.tts import SynthesisRequest
 from engines.base import Engine
 from engines.runtime import WorkerRuntime
@@ -164,3 +168,112 @@ def test_a_worker_without_a_broker_warns_once_and_says_when_one_answers(caplog: 
         runtime.stop()
         thread.join(5)
         broker.close(linger=0)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``, read from /proc."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie: an orphan's zombie may wait for a reaper that never comes."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers die with serve through Linux's PR_SET_PDEATHSIG")
+def test_kill_9_of_serve_leaves_no_worker_behind(tmp_path: Path) -> None:
+    s = start_serve(tmp_path, None)  # the default configuration: one Piper worker
+    workers: list[int] = []
+    try:
+        wait_services(s.frontend, [SERVICE])
+        c = s.client()
+        workers = _pids(c)
+        c.close()
+        assert workers and set(workers) <= set(_children(s.proc.pid)), (workers, _children(s.proc.pid))
+        s.proc.kill()
+        s.proc.wait()
+        deadline = time.monotonic() + 10
+        while alive := [p for p in workers if _running(p)]:
+            assert time.monotonic() < deadline, f"workers {alive} outlived a kill -9 of serve"
+            time.sleep(0.1)
+    finally:
+        for p in workers:  # do not leave orphans to the rest of the suite when this fails
+            if _running(p):
+                os.kill(p, signal.SIGKILL)
+        stop_serve(s)
+
+
+def _service() -> Service:
+    """``serve``'s Service in this process, on free ports, with no supervised workers."""
+    return Service(Config(broker=BrokerConfig(frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*"), workers=[]))
+
+
+def test_a_broker_thread_that_ends_unasked_is_replaced_on_the_same_endpoints(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="broker.cli")
+    with _service() as svc:
+        frontend = svc.cfg.broker.frontend
+        worker = WorkerRuntime(_Silence(), svc.cfg.broker.backend)
+        worker_thread = threading.Thread(target=worker.run)
+        worker_thread.start()
+        c = RawClient(frontend)
+        try:
+            wait_services(frontend, ["silence"], timeout=10)
+            old = svc.server
+            old.stop()  # its loop ends, though the Service asked for nothing
+            svc.thread.join(5)
+            assert not svc.thread.is_alive()
+            svc.check()
+            assert svc.restarts == 1 and svc.server is not old and svc.thread.is_alive()
+            assert (svc.cfg.broker.frontend, svc.server.frontend_ep) == (frontend, frontend)
+            # The worker re-registers by itself, and a client connected before answers on.
+            wait_services(frontend, ["silence"], timeout=10)
+            r = c.request(b"after-restart", {"text": "Still here."})
+            c.wait(r, timeout=10)
+            r.check_invariants()
+            assert r.names()[-1] == b"end" and r.json_of(b"start")["worker"]["pid"] == os.getpid()
+            svc.check()  # a live broker is left alone
+            assert svc.restarts == 1
+        finally:
+            c.close()
+            worker.stop()
+            worker_thread.join(5)
+    assert [r.message for r in caplog.records if r.levelname == "ERROR"] == ["broker thread died; restarting it (restart 1)"]
+
+
+class _Escapes(BaseException):
+    """Not an Exception: nothing in the broker's loop is meant to catch it."""
+
+
+def test_an_exception_escaping_the_broker_loop_is_logged_and_the_broker_restarted(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="broker.cli")
+
+    def tick(now: float) -> list:
+        raise _Escapes("boom")
+
+    with _service() as svc:
+        old = svc.server
+        old.core.tick = tick  # type: ignore[method-assign]
+        svc.thread.join(5)
+        assert not svc.thread.is_alive()
+        svc.check()
+        assert svc.restarts == 1 and svc.server is not old
+        c = RawClient(svc.cfg.broker.frontend)
+        try:
+            st = json.loads(c.call(b"tts.status", b"{}")[3])
+            assert st["inflight"] == 0
+        finally:
+            c.close()
+    failed = [r for r in caplog.records if r.message == "broker thread failed"]
+    assert len(failed) == 1 and failed[0].exc_info is not None and failed[0].exc_info[0] is _Escapes
+    assert any(r.message == "broker thread died; restarting it (restart 1)" for r in caplog.records)
