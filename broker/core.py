@@ -496,6 +496,8 @@ class BrokerCore:
             if body[:1] != [job.rid]:
                 raise ValueError("reply does not carry the job's request id")
             if body[1:2] == [b"audio"] and len(body) == 4:
+                if cmd.final:
+                    raise ValueError("audio sent as FINAL")
                 if not job.dispatch_started:
                     raise ValueError("audio before start")
                 if len(body[3]) % job.width or len(body[2]) != 4:

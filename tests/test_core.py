@@ -1029,6 +1029,7 @@ INVALID_WORKER_MESSAGES = {
     "start unknown format": lambda k: start(k, b"a", fmt="mp3"),
     "start non-numeric rate": lambda k: reply(k, b"a", b"start", start_json().replace(b"22050", b'"fast"')),
     "start as FINAL": lambda k: reply(k, b"a", b"start", start_json(), final=True),
+    "audio as FINAL": lambda k: reply(k, b"a", b"audio", struct.pack(">I", 0), b"\x00" * 8, final=True),
     "end as PARTIAL": lambda k: reply(k, b"a", b"end", b"{}", final=False),
     "end not JSON": lambda k: reply(k, b"a", b"end", b"]"),
     "error not JSON": lambda k: reply(k, b"a", b"error", b"]"),
