@@ -6,8 +6,9 @@ dataclasses with a symmetric ``body(request_id)`` / ``from_body(frames)`` pair
 so encoder and decoder cannot drift apart. Units are stated on the fields.
 
 The same event frames travel worker → broker and broker → client; the broker
-only rewrites what it owns (sequence numbers, the worker id in ``start``, the
-broker-side statistics in ``end``).
+rewrites what it owns: sequence numbers, the worker id in ``start``, ``mark``
+offsets (rebased onto the client's text after a failover), the ``failover``
+event it makes of a later worker's ``start``, and its statistics in ``end``.
 """
 
 from __future__ import annotations

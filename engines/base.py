@@ -20,7 +20,7 @@ class Engine(abc.ABC):
     engine: str
     """Engine family: ``piper`` or ``xtts``."""
     native_rate: int
-    """Rate of the float audio :meth:`synthesize` yields, in Hertz."""
+    """Rate of the float audio :meth:`speak` yields, in Hertz."""
 
     @property
     @abc.abstractmethod

@@ -114,12 +114,8 @@ class WorkerRuntime:
     def _reconnect(self, why: str) -> None:
         log.log(logging.DEBUG if self._retrying else logging.WARNING, "worker %s: %s; reconnecting", self.identity, why)
         self._retrying = True
-        job = self._job
-        if job is not None:
-            job.cancel.set()
-            if job.done is not None:
-                job.done.result()
-            self._job = None
+        self._stop_job(timeout=None)
+        self._job = None
         self._drain_pipe()
         self._connect()
 
@@ -162,15 +158,20 @@ class WorkerRuntime:
     def stop(self) -> None:
         self.stop_event.set()
 
-    def _shutdown(self) -> None:
+    def _stop_job(self, timeout: Optional[float]) -> None:
+        """Cancel the job in hand and wait for its synthesis thread to let go (it checks between chunks)."""
         job = self._job
-        if job is not None:
-            job.cancel.set()
-            if job.done is not None:
-                try:
-                    job.done.result(timeout=5)
-                except TimeoutError:
-                    log.warning("worker %s: synthesis did not stop within 5 s", self.identity)
+        if job is None:
+            return
+        job.cancel.set()
+        if job.done is not None:
+            try:
+                job.done.result(timeout=timeout)
+            except TimeoutError:
+                log.warning("worker %s: synthesis did not stop within %g s", self.identity, timeout)
+
+    def _shutdown(self) -> None:
+        self._stop_job(timeout=5)
         self._synth.shutdown(wait=False)
         if self._sock is not None:
             try:

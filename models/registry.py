@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from broker.tts import normalize_language
+
 DEFAULT_PIPER_VOICE = "en_US-joe-medium"
 
 
@@ -62,7 +64,7 @@ def _describe(name: str, model: Path, config: Path) -> PiperVoiceFiles:
     except (ValueError, KeyError, TypeError) as exc:
         raise VoiceNotFound(f"voice config {config} is not a Piper config: {exc}") from None
     lang = (cfg.get("language") or {}).get("family") or str(cfg.get("espeak", {}).get("voice", "en"))
-    return PiperVoiceFiles(name, model, config, lang.split("-")[0].split("_")[0].lower(), rate)
+    return PiperVoiceFiles(name, model, config, normalize_language(lang), rate)
 
 
 def resolve_piper_voice(name_or_path: str, extra_dirs: Iterable[str | Path] = ()) -> PiperVoiceFiles:
@@ -82,14 +84,6 @@ def resolve_piper_voice(name_or_path: str, extra_dirs: Iterable[str | Path] = ()
         f"unknown Piper voice {name_or_path!r}: not bundled ({', '.join(bundled)}), "
         f"not a path to a .onnx, and not found in {', '.join(str(d) for d in searched)}"
     )
-
-
-def known_piper_voices(extra_dirs: Iterable[str | Path] = ()) -> list[str]:
-    names = set(_bundled())
-    for d in voice_dirs(extra_dirs):
-        if d.is_dir():
-            names.update(p.name.removesuffix(".onnx") for p in d.glob("*.onnx"))
-    return sorted(names)
 
 
 def cache_dir(kind: str) -> Path:
