@@ -20,9 +20,20 @@ Rules:
 * Workers are kept per service; idle ones sit in the service's ``idle`` deque
   in least-recently-used order (dispatch takes from the left, a worker that
   finishes goes to the right).
-* A cancelled job stays attached to its worker until the worker's FINAL
+* A job finished early (cancelled, its client gone, its id reused) stays
+  attached to its worker, in state CANCELLING, until the worker's FINAL
   arrives, so a worker is never handed new work while it may still be
   speaking the old one. Its PARTIALs are dropped.
+* Each job has an explicit :class:`JobState`; ``JOB_TRANSITIONS`` lists the
+  legal moves and ``WORKER_EVENTS`` the TTS events a worker may send in each
+  state, so "audio before start" or "a second start" is one table lookup
+  (:class:`JobStateError`, naming role, state and event).
+* A service's languages and voices are those of its live workers, each of
+  which gets only what it itself speaks (capabilities are validated per
+  worker at READY, ``broker/caps.py``). A service whose last worker left is
+  kept ``service_grace_s`` for a restart, then forgotten.
+* Every request with a valid id counts once in ``requests`` and ends in
+  exactly one of ``OUTCOMES``.
 * A worker is alive while any command from it arrived within
   ``heartbeat * liveness``; a busy one is *stuck* when no reply came for
   ``stuck_timeout``. A dead, disconnected, stuck, erring or garbling worker
@@ -39,25 +50,27 @@ Rules:
   announced, while the client gets a ``failover`` event and gapless sequence
   numbers.
 * TTS jobs (service ``tts`` or an engine service) speak the event protocol of
-  ``broker/tts.py``: the broker owns their sequence numbers and adds its own
-  statistics. Jobs for any other service are relayed opaquely, per RFC 18: re-
+  ``broker/tts.py``; what the client is sent of them (held start, sequence
+  numbers, rebased marks, failover events, statistics) is rewritten by the
+  job's :class:`broker.stream.Stream`. Jobs for any other service are relayed opaquely, per RFC 18: re-
   queued if their worker fails before replying, ended with an error after.
 
-Transitions of a job::
+Transitions of a job (``JOB_TRANSITIONS``)::
 
-    new ──► waiting ──► running ──► (FINAL from worker) ──► done
-              │  ▲         │ │
-              │  └(failover)┘ └──(cancel / client gone)──► cancelling ──► done
-              └──(expired / cancelled)──► done
+    WAITING ──► ASSIGNED ──(start)──► STREAMING ──(FINAL from worker)──► DONE
+       │  ▲        │ │                   │ │
+       │  └─(failover)─────────────────── │ └──(cancel / client gone / id reused)──► CANCELLING ──► DONE
+       │           └──(error before start; FINAL of an opaque job)──────────────────────────────► DONE
+       └──(expired / cancelled)──► DONE
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import json
 import logging
 import os
-import struct
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Optional
@@ -65,6 +78,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 from . import mdp, tts
 from .caps import CapsError, EngineCaps, parse_caps
 from .routing import Step, chain_for, route_language
+from .stream import Stream
 
 log = logging.getLogger("broker")
 
@@ -116,6 +130,46 @@ class CoreSettings:
     requests wait for a supervised restart; after it they route as if it never existed."""
 
 
+class JobState(enum.Enum):
+    """Where a job is; see the transition diagram in the module docstring."""
+
+    WAITING = "waiting"
+    """In ``BrokerCore.waiting``, for a worker."""
+    ASSIGNED = "assigned"
+    """Sent to a worker that has not said ``start`` yet (an opaque job stays here)."""
+    STREAMING = "streaming"
+    """Its worker said ``start``: audio, marks and the FINAL may follow."""
+    CANCELLING = "cancelling"
+    """Finished for the client, but its worker still holds it until the worker's FINAL."""
+    DONE = "done"
+
+
+WAITING, ASSIGNED, STREAMING, CANCELLING, DONE = JobState
+
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    WAITING: frozenset({ASSIGNED, DONE}),
+    ASSIGNED: frozenset({STREAMING, WAITING, CANCELLING, DONE}),
+    STREAMING: frozenset({WAITING, CANCELLING, DONE}),
+    CANCELLING: frozenset({DONE}),
+    DONE: frozenset(),
+}
+"""Legal moves of a job. WAITING → ASSIGNED is dispatch; back to WAITING is failover."""
+
+WORKER_EVENTS: dict[JobState, frozenset[str]] = {
+    ASSIGNED: frozenset({"start", "error"}),
+    STREAMING: frozenset({"audio", "mark", "end", "error", "other"}),
+}
+"""TTS events a worker may send for a job in each state; anything else is a protocol error."""
+
+
+class JobStateError(mdp.ProtocolError):
+    """A peer's event that the job's state does not allow, naming role, state and event."""
+
+    def __init__(self, role: str, state: JobState, event: str) -> None:
+        super().__init__(f"{role} sent {event!r} to a job in state {state.value}")
+        self.role, self.state, self.event = role, state, event
+
+
 @dataclass(eq=False)
 class Job:
     key: bytes
@@ -124,47 +178,39 @@ class Job:
     service: bytes
     """Service name the client addressed, echoed in every reply."""
     body: list[bytes]
-    """Body sent to the worker, for an opaque job; a TTS job's is built per worker (:meth:`_request_for`)."""
+    """Body sent to the worker, for an opaque job; a TTS job's is built per worker (:meth:`BrokerCore._request_for`)."""
     deadline: float
     created: float
     rid: Optional[bytes] = None
     """TTS request id; None for an opaque (non-TTS) job."""
     request: Optional[tts.SynthesisRequest] = None
+    stream: Optional[Stream] = None
+    """What the client has been sent (TTS jobs only)."""
     target: Optional[str] = None
     """Only this service may serve it (client addressed an engine service, or an opaque job)."""
+    state: JobState = WAITING
     worker: Optional["Worker"] = None
-    cancelled: bool = False
     replied: bool = False
     """Something reached the client already."""
-    started: bool = False
-    """The client has had its ``start`` event."""
-    seq: int = 0
-    samples: int = 0
-    width: int = 2
-    rate: int = 0
-    format: str = "s16le"
-    first_audio: Optional[float] = None
-    engines: list[str] = field(default_factory=list)
-    held_start: Optional[tts.Start] = None
-    """The current worker's ``start``, held until its first audio (invisible failover before audio)."""
-    base: int = 0
-    """Offset in the request text where the current worker's text begins (characters)."""
-    delivered: int = 0
-    """Offset in the request text up to which whole sentences reached the client (characters)."""
-    segments: int = 0
     failed: set[bytes] = field(default_factory=set)
     """Workers that failed this job; never given it again."""
     failovers: int = 0
-    failover_reason: Optional[str] = None
-    """Set while a failed-over job waits for its next worker's ``start``."""
     last_error: Optional[tuple[str, str]] = None
     """The last engine error, reported if the chain runs out."""
     progress: float = 0.0
     """When the current worker last replied (or got the job)."""
-    dispatch_started: bool = False
-    """The current worker has sent its ``start``."""
     prefer: Optional[str] = None
     """Service to try first: the one whose worker just failed the job."""
+
+    def move(self, state: JobState) -> None:
+        if state not in JOB_TRANSITIONS[self.state]:
+            raise JobStateError("broker", self.state, f"-> {state.value}")
+        self.state = state
+
+    def check_event(self, event: str) -> None:
+        """One lookup instead of a "not before start" check per event."""
+        if event not in WORKER_EVENTS.get(self.state, ()):
+            raise JobStateError("worker", self.state, event)
 
 
 @dataclass(eq=False)
@@ -306,15 +352,14 @@ class BrokerCore:
             and frames[3] == b""
             and frames[4] == job.rid
             and len(frames[6]) == 4
-            and job.dispatch_started
-            and not job.cancelled
-            and len(frames[7]) % job.width == 0
+            and job.state is STREAMING
+            and job.stream.audio_ok(frames[6], frames[7])  # type: ignore[union-attr]
         ):
-            assert worker is not None
+            assert worker is not None and job.stream is not None
             worker.expires = now + self.expiry
             job.progress = now
             job.replied = True
-            return [Action(False, job.client, mdp.client_reply_frames(job.service, body, False)) for body in self._audio(job, frames[7], now)]
+            return [Action(False, job.client, mdp.client_reply_frames(job.service, body, False)) for body in job.stream.audio(frames[7], now)]
         out: list[Action] = []
         try:
             cmd = mdp.decode_worker(frames)
@@ -425,7 +470,8 @@ class BrokerCore:
         job.worker = None
         job.failed.add(worker.identity)
         job.prefer = svc.name
-        if job.cancelled:  # already finished; it only waited for its worker to let go
+        if job.state is CANCELLING:  # already finished; it only waited for its worker to let go
+            job.move(DONE)
             return
         if job.rid is None:  # opaque: safe to resend only if nothing was relayed
             if job.replied:
@@ -434,6 +480,7 @@ class BrokerCore:
             else:
                 log.warning("job %s: worker %s lost (%s) before replying; re-queued", job.key.hex(), worker.label, why)
                 job.deadline = now + self.s.request_timeout_s
+                job.move(WAITING)
                 self.waiting.appendleft(job)
             return
         if error is not None:
@@ -447,20 +494,21 @@ class BrokerCore:
             log.error("job %s: %s", job.key.hex(), msg)
             self._finish(job, out, tts.error_body(job.rid, *(error or (tts.INTERNAL, msg))), "errors")
             return
-        job.held_start = None
-        if job.started:
-            job.base = job.delivered
-            if not any(c.isalnum() for c in job.request.text[job.base :]):  # type: ignore[union-attr]
-                self._finish(job, out, tts.End(self._stats(job, now)).body(job.rid), "completed")
-                return
+        stream, req = job.stream, job.request
+        assert stream is not None and req is not None
+        base = stream.resume_point()
+        if not any(c.isalnum() for c in req.text[base:]):
+            self._finish(job, out, tts.End(stream.stats(now, job.failovers)).body(job.rid), "completed")
+            return
         job.failovers += 1
-        job.failover_reason = why
+        stream.failover_reason = why
         job.deadline = now + self.s.request_timeout_s
         self.counters["failovers"] += 1
         log.warning(
             "job %s: failover from worker %s (%s): %s at character %d",
-            job.key.hex(), worker.label, svc.name, why, job.base,
+            job.key.hex(), worker.label, svc.name, why, base,
         )
+        job.move(WAITING)
         self.waiting.appendleft(job)
 
     def _worker_idle(self, worker: Worker, out: list[Action]) -> None:
@@ -478,60 +526,55 @@ class BrokerCore:
     # ------------------------------------------------------------- relaying
 
     def _relay_opaque(self, worker: Worker, job: Job, cmd: mdp.WorkerReply, out: list[Action]) -> None:
-        if not job.cancelled:
+        if job.state is not CANCELLING:
             out.append(Action(False, job.client, mdp.client_reply_frames(job.service, cmd.body, cmd.final)))
             job.replied = True
         if cmd.final:
             self._job_done(worker, job, out, None, "completed")
 
     def _relay_tts(self, worker: Worker, job: Job, cmd: mdp.WorkerReply, now: float, out: list[Action]) -> None:
-        if job.cancelled:
+        if job.state is CANCELLING:
             if cmd.final:
                 self._job_done(worker, job, out, None, "cancelled")
             return
+        stream = job.stream
+        assert stream is not None
         job.progress = now
         body = cmd.body
         send: list[list[bytes]] = []
         try:
             if body[:1] != [job.rid]:
-                raise ValueError("reply does not carry the job's request id")
-            if body[1:2] == [b"audio"] and len(body) == 4:
-                if cmd.final:
-                    raise ValueError("audio sent as FINAL")
-                if not job.dispatch_started:
-                    raise ValueError("audio before start")
-                if len(body[3]) % job.width or len(body[2]) != 4:
-                    raise ValueError("audio chunk of partial samples, or a sequence frame that is not 4 bytes")
-                send += self._audio(job, body[3], now)
+                raise tts.EventError("reply does not carry the job's request id")
+            _, event = tts.decode_event(body)
+            name = tts.event_name(event)
+            job.check_event(name if name in WORKER_EVENTS[STREAMING] | {"start"} else "other")
+            if cmd.final != isinstance(event, (tts.End, tts.Error)):
+                raise tts.EventError(f"event {name!r} sent as {'FINAL' if cmd.final else 'PARTIAL'}")
+            if isinstance(event, tts.Start):
+                job.move(STREAMING)
+                send += stream.on_start(event, worker.label)
+            elif isinstance(event, tts.Audio):
+                if not stream.audio_ok(body[2], event.pcm):
+                    raise tts.EventError("audio chunk of partial samples")
+                send += stream.audio(event.pcm, now)
+            elif isinstance(event, tts.Error) and event.code != tts.CANCELLED:
+                # The engine could not do it: let the next worker try.
+                log.warning("job %s: worker %s answered %s: %s", job.key.hex(), worker.label, event.code, event.message)
+                worker.job = None
+                self._failover(job, worker, f"engine error {event.code}: {event.message}", now, out, (event.code, event.message))
+                self._worker_idle(worker, out)
+                self._dispatch_waiting(out)
+                return
+            elif isinstance(event, tts.Error):  # cancelled, though nobody asked: say so
+                send.append(body)
             else:
-                _, event = tts.decode_event(body)
-                if cmd.final != isinstance(event, (tts.End, tts.Error)):
-                    raise ValueError(f"event {body[1]!r} sent as {'FINAL' if cmd.final else 'PARTIAL'}")
-                if isinstance(event, tts.Start):
-                    send += self._on_start(job, worker, event)
-                elif isinstance(event, tts.Error) and event.code != tts.CANCELLED:
-                    # The engine could not do it: let the next worker try.
-                    log.warning("job %s: worker %s answered %s: %s", job.key.hex(), worker.label, event.code, event.message)
-                    worker.job = None
-                    self._failover(job, worker, f"engine error {event.code}: {event.message}", now, out, (event.code, event.message))
-                    self._worker_idle(worker, out)
-                    self._dispatch_waiting(out)
-                    return
-                elif isinstance(event, tts.Audio):
-                    raise ValueError("audio event must be 4 frames")
-                elif isinstance(event, tts.Error):  # cancelled, though nobody asked: say so
-                    send.append(body)
-                else:
-                    if not job.dispatch_started:
-                        raise ValueError(f"{body[1]!r} before start")
-                    if isinstance(event, tts.End):
-                        event.stats.update(self._stats(job, now))
-                        body = event.body(job.rid)
-                    elif isinstance(event, tts.Other) and event.event == "mark":
-                        body = self._on_mark(job, event)
-                    send += self._release_start(job, now)
-                    send.append(body)
-        except (ValueError, TypeError, KeyError, OverflowError) as exc:
+                if isinstance(event, tts.End):
+                    body = stream.on_end(event, now, job.failovers)
+                elif isinstance(event, tts.Mark):
+                    body = stream.on_mark(event)
+                send += stream.release_start()
+                send.append(body)
+        except mdp.ProtocolError as exc:
             msg = f"sent a malformed reply: {exc}"
             log.error("job %s: worker %s %s", job.key.hex(), worker.label, msg)
             self._reject(worker, msg, now, out)
@@ -544,78 +587,8 @@ class BrokerCore:
         elif send:
             out.append(Action(False, job.client, mdp.client_reply_frames(job.service, send[-1], False)))
 
-    def _audio(self, job: Job, pcm: bytes, now: float) -> list[list[bytes]]:
-        """Bodies to send the client for one chunk: the held ``start`` first, then the renumbered audio."""
-        bodies = self._release_start(job, now) if job.held_start is not None else []
-        if job.first_audio is None:
-            job.first_audio = now
-        job.samples += len(pcm) // job.width
-        bodies.append([job.rid, b"audio", struct.pack(">I", job.seq), pcm])
-        job.seq += 1
-        return bodies
-
-    def _on_start(self, job: Job, worker: Worker, start: tts.Start) -> list[list[bytes]]:
-        """Hold a first ``start`` until audio; turn a later one into a ``failover`` event."""
-        if job.dispatch_started:
-            raise ValueError("second start")
-        job.dispatch_started = True
-        if start.format not in tts.SAMPLE_WIDTH:
-            raise ValueError(f"unknown format {start.format!r}")
-        rate = int(start.sample_rate)
-        if not tts.MIN_RATE <= rate <= tts.MAX_RATE:
-            raise ValueError(f"sample rate {rate} outside {tts.MIN_RATE}-{tts.MAX_RATE} Hz")
-        start.worker = {**start.worker, "id": worker.label}
-        if not job.started:
-            job.width, job.rate, job.format = tts.SAMPLE_WIDTH[start.format], rate, start.format
-            job.held_start = start
-            return []
-        if (start.format, rate) != (job.format, job.rate):
-            raise ValueError(f"resumed as {start.format}@{rate}, not the announced {job.format}@{job.rate}")
-        event = {
-            "engine": start.engine,
-            "voice": start.voice,
-            "worker": start.worker,
-            "reason": job.failover_reason,
-            "resume_at": job.base,
-        }
-        job.failover_reason = None
-        job.engines.append(start.engine)
-        return [[job.rid, b"failover", json.dumps(event, separators=(",", ":")).encode()]]
-
-    def _release_start(self, job: Job, now: float) -> list[list[bytes]]:
-        if job.held_start is None:
-            return []
-        start, job.held_start = job.held_start, None
-        job.started = True
-        job.engines.append(start.engine)
-        return [start.body(job.rid)]
-
-    def _on_mark(self, job: Job, event: tts.Other) -> list[bytes]:
-        """A worker finished a sentence: remember where, in the client's text, the next one starts."""
-        mark = tts.json_object(event.frames[0], "mark") if len(event.frames) == 1 else None
-        if mark is None or type(mark.get("end")) is not int:
-            raise ValueError("mark event needs one JSON frame with an integer end")
-        end = job.base + mark["end"]
-        if not job.delivered < end <= len(job.request.text):  # type: ignore[union-attr]
-            raise ValueError(f"mark end {mark['end']} does not advance within the text")
-        job.delivered = end
-        job.segments += 1
-        return [job.rid, b"mark", json.dumps({"segment": job.segments - 1, "end": end}, separators=(",", ":")).encode()]
-
-    def _stats(self, job: Job, now: float) -> dict[str, Any]:
-        return {
-            "samples": job.samples,
-            "audio_s": round(job.samples / job.rate, 4) if job.rate else 0.0,
-            "chunks": job.seq,
-            "ttfa_ms": round((job.first_audio - job.created) * 1000, 2) if job.first_audio is not None else None,
-            "total_ms": round((now - job.created) * 1000, 2),
-            "engines": job.engines,
-            "segments": job.segments,
-            "failovers": job.failovers,
-        }
-
     def _job_done(self, worker: Worker, job: Job, out: list[Action], final: Optional[list[bytes]], outcome: str) -> None:
-        worker.job = None
+        worker.job = job.worker = None
         worker.served += 1
         self._finish(job, out, final, outcome)
         self._worker_idle(worker, out)
@@ -624,9 +597,19 @@ class BrokerCore:
         """The single exit of a job: forget it, count its outcome, send the client its FINAL body.
 
         A job already finished (cancelled, its client gone) is not counted again."""
+        held = job.worker is not None and job.worker.job is job
         if self.jobs.pop(job.key, None) is None:
+            if job.state is CANCELLING and not held:
+                job.move(DONE)
             return
         self.counters[outcome] += 1
+        if job.state is WAITING:
+            try:
+                self.waiting.remove(job)
+            except ValueError:
+                pass
+        # A job its worker still holds is done once the worker lets go (see the rules).
+        job.move(CANCELLING if held else DONE)
         if job.rid is not None:
             self.by_client.pop((job.client, job.rid), None)
         n = self.inflight.get(job.client, 1) - 1
@@ -705,7 +688,7 @@ class BrokerCore:
             return
         target = None if service == tts.SERVICE else service
         key = self._new_key()
-        job = Job(key, identity, service_raw, [], now + self.s.request_timeout_s, now, rid, request, target)
+        job = Job(key, identity, service_raw, [], now + self.s.request_timeout_s, now, rid, request, Stream(rid, len(request.text), now), target)
         if self._enqueue(job, out):
             self.by_client[(identity, rid)] = job
             log.debug("job %s: request %r from client %s", key.hex(), rid[:32], identity.hex())
@@ -763,9 +746,9 @@ class BrokerCore:
                 self._assign(job, *found, out)
 
     def _assign(self, job: Job, worker: Worker, step: Step, out: list[Action]) -> None:
+        job.move(ASSIGNED)
         job.worker = worker
         job.progress = self.now
-        job.dispatch_started = False
         worker.job = job
         body = job.body
         if job.rid is not None:
@@ -813,8 +796,9 @@ class BrokerCore:
             update["voice"] = step.voice
         elif req.voice is not None and caps is not None and req.voice not in caps.voices:
             update["voice"] = None
-        if job.started:
-            update.update(text=req.text[job.base :], format=job.format, sample_rate=job.rate)
+        stream = job.stream
+        if stream is not None and stream.started:
+            update.update(text=req.text[stream.base :], format=stream.format, sample_rate=stream.rate)
         return req.model_copy(update=update).to_json()
 
     # --------------------------------------------------------------- routing
@@ -869,16 +853,11 @@ class BrokerCore:
         self._abandon(job, out)
 
     def _abandon(self, job: Job, out: list[Action]) -> None:
-        """Stop whatever a finished job still occupies: its queue slot or its worker."""
-        job.cancelled = True
-        if job.worker is None:
-            try:
-                self.waiting.remove(job)
-            except ValueError:
-                pass
-            return
-        # The job stays on its worker until the worker's FINAL: see the rules.
-        if job.worker.caps is not None:
+        """Tell the worker of a job finished early (state CANCELLING) to stop speaking it.
+
+        The job stays on its worker until the worker's FINAL: see the rules. (A
+        finished job that was waiting has left the queue in :meth:`_finish`.)"""
+        if job.state is CANCELLING and job.worker is not None and job.worker.caps is not None:
             out.append(Action(True, job.worker.identity, mdp.WorkerRequest(job.key, [tts.WORKER_CANCEL]).frames()))
 
     def on_send_failed(self, to_worker: bool, peer: bytes, now: float) -> list[Action]:
@@ -890,7 +869,7 @@ class BrokerCore:
             if worker is not None:
                 self._remove_worker(worker, "unreachable", now, out)
             return out
-        jobs = [j for j in self.jobs.values() if j.client == peer and not j.cancelled]
+        jobs = [j for j in self.jobs.values() if j.client == peer]
         if jobs:
             log.warning("client %s unreachable: cancelling its %d job(s)", peer.hex(), len(jobs))
         for job in jobs:

@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .mdp import ProtocolError
+
 Frames = list[bytes]
 
 SERVICE = "tts"
@@ -172,15 +174,31 @@ def _json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+class EventError(ProtocolError):
+    """An event body that does not decode: the one error every event decoder raises.
+
+    The broker's relay catches exactly this (a peer's fault, ending in a
+    failover); any other exception is the broker's own bug and is not
+    mistaken for a worker sending garbage."""
+
+
 def json_object(raw: bytes, what: str) -> dict[str, Any]:
-    """Parse a frame that must hold a JSON object; ValueError (never anything else) if not."""
+    """Parse a frame that must hold a JSON object; :class:`EventError` (never anything else) if not."""
     try:
         obj = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"{what} is not UTF-8 JSON: {exc}") from None
+        raise EventError(f"{what} is not UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{what} must be a JSON object")
+        raise EventError(f"{what} must be a JSON object")
     return obj
+
+
+def _field(d: dict[str, Any], key: str, kind: type, what: str) -> Any:
+    """``d[key]`` if it is a ``kind`` (bool is not an int here); EventError otherwise."""
+    value = d.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise EventError(f"{what}.{key} must be {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -216,8 +234,19 @@ class Start:
     @classmethod
     def from_body(cls, frames: Frames) -> "Start":
         d = json_object(frames[2], "start")
-        known = {k: d.pop(k) for k in ("sample_rate", "format", "engine", "voice", "worker", "channels") if k in d}
-        return cls(**known, extra=d)
+        start = cls(
+            sample_rate=_field(d, "sample_rate", int, "start"),
+            format=_field(d, "format", str, "start"),
+            engine=_field(d, "engine", str, "start"),
+            voice=_field(d, "voice", str, "start"),
+            worker=_field(d, "worker", dict, "start"),
+            channels=_field(d, "channels", int, "start") if "channels" in d else 1,
+        )
+        start.extra = {k: v for k, v in d.items() if k not in _START_KEYS}
+        return start
+
+
+_START_KEYS = frozenset({"sample_rate", "format", "engine", "voice", "worker", "channels"})
 
 
 @dataclass
@@ -237,8 +266,56 @@ class Audio:
     @classmethod
     def from_body(cls, frames: Frames) -> "Audio":
         if len(frames) != 4 or len(frames[2]) != 4:
-            raise ValueError("audio event needs a 4-byte sequence frame and a PCM frame")
+            raise EventError("audio event needs a 4-byte sequence frame and a PCM frame")
         return cls(struct.unpack(">I", frames[2])[0], frames[3])
+
+
+@dataclass
+class Mark:
+    """A sentence has been sent in full (PARTIAL).
+
+    Two forms: a worker's ``{"end"}`` counts in the text *it* was given; the
+    broker's ``{"segment", "end"}`` to the client counts in the client's text."""
+
+    end: int
+    """Character offset where the next sentence starts."""
+    segment: Optional[int] = None
+    """Sentence number in the stream, 0, 1, …; only in the broker's form."""
+
+    name = b"mark"
+
+    def body(self, rid: bytes) -> Frames:
+        d = {"end": self.end} if self.segment is None else {"segment": self.segment, "end": self.end}
+        return [rid, self.name, _json(d)]
+
+    @classmethod
+    def from_body(cls, frames: Frames) -> "Mark":
+        d = json_object(frames[2], "mark")
+        return cls(_field(d, "end", int, "mark"), _field(d, "segment", int, "mark") if "segment" in d else None)
+
+
+@dataclass
+class Failover:
+    """Another worker took over the stream (PARTIAL, broker → client only)."""
+
+    engine: str
+    voice: str
+    worker: dict[str, Any]
+    reason: str
+    """Why the previous worker was failed."""
+    resume_at: int
+    """Character offset in the client's text where the new worker starts."""
+
+    name = b"failover"
+
+    def body(self, rid: bytes) -> Frames:
+        d = {"engine": self.engine, "voice": self.voice, "worker": self.worker, "reason": self.reason, "resume_at": self.resume_at}
+        return [rid, self.name, _json(d)]
+
+    @classmethod
+    def from_body(cls, frames: Frames) -> "Failover":
+        d = json_object(frames[2], "failover")
+        return cls(*(_field(d, k, t, "failover") for k, t in (("engine", str), ("voice", str), ("worker", dict), ("reason", str), ("resume_at", int))))
 
 
 @dataclass
@@ -284,24 +361,26 @@ class Other:
     frames: Frames
 
 
-Event = Union[Start, Audio, End, Error, Other]
-_DECODERS = {c.name: c for c in (Start, Audio, End, Error)}
+Event = Union[Start, Audio, Mark, Failover, End, Error, Other]
+_DECODERS: dict[bytes, Any] = {c.name: c for c in (Start, Audio, Mark, Failover, End, Error)}
+
+
+def event_name(event: Event) -> str:
+    """``start``, ``audio``, …: the wire name of any event, known or not."""
+    return event.event if isinstance(event, Other) else event.name.decode()
 
 
 def decode_event(body: Frames) -> tuple[bytes, Event]:
-    """Split a reply body into ``(request id, event)``; raise ValueError when malformed."""
+    """Split a reply body into ``(request id, event)``; raise :class:`EventError` when malformed."""
     if len(body) < 2:
-        raise ValueError("event body needs a request id and an event name")
+        raise EventError("event body needs a request id and an event name")
     rid, name = body[0], body[1]
     cls = _DECODERS.get(name)
     if cls is None:
         return rid, Other(name.decode("utf-8", "replace"), list(body[2:]))
     if cls is not Audio and len(body) != 3:
-        raise ValueError(f"{name.decode()} event needs exactly one JSON frame")
-    try:
-        return rid, cls.from_body(body)
-    except (TypeError, KeyError, struct.error) as exc:
-        raise ValueError(f"malformed {name.decode()} event: {exc}") from None
+        raise EventError(f"{name.decode()} event needs exactly one JSON frame")
+    return rid, cls.from_body(body)
 
 
 def error_body(rid: bytes, code: str, message: str) -> Frames:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RULE_MARKER, RuleBasedStateMachine, invariant, precondition, rule
 
 from broker import mdp, tts
-from broker.core import MAX_EMPTY_SERVICES, MAX_STATUS_SERVICES, MAX_STATUS_WORKERS, OUTCOMES, Action, BrokerCore, CoreSettings
+from broker.core import ASSIGNED, CANCELLING, STREAMING, WAITING, MAX_EMPTY_SERVICES, MAX_STATUS_SERVICES, MAX_STATUS_WORKERS, OUTCOMES, Action, BrokerCore, CoreSettings
 from broker.routing import Step, parse_step
 
 # The core logs every refusal and failure; keep test output quiet.
@@ -133,15 +133,15 @@ def names(actions: list[Action], client: bytes) -> list[str]:
     """Event names ``client`` got, in order; a FINAL is marked with a trailing ``!``."""
     out = []
     for final, _, ev in events(actions, client):
-        name = ev.event if isinstance(ev, tts.Other) else type(ev).__name__.lower()
+        name = tts.event_name(ev)
         out.append(name + ("!" if final else ""))
     return out
 
 
 def other_json(ev: tts.Event) -> dict[str, Any]:
     """The JSON frame of a ``mark`` or ``failover`` event."""
-    assert isinstance(ev, tts.Other) and len(ev.frames) == 1, ev
-    return json.loads(ev.frames[0])
+    assert isinstance(ev, (tts.Mark, tts.Failover)), ev
+    return json.loads(ev.body(b"")[2])
 
 
 def sent_request(req: mdp.WorkerRequest) -> dict[str, Any]:
@@ -1082,7 +1082,7 @@ def test_invalid_worker_message_mid_stream_fails_over(make) -> None:  # type: ig
     assert sent["text"] == "Hello there." and sent["format"] == "f32le" and sent["sample_rate"] == 16000
     out = rig.core.on_worker(W2, start(k, b"a", fmt="f32le", rate=16000), 0.7)
     [(final, _, ev)] = events(out, C1)
-    assert not final and ev.event == "failover"  # type: ignore[union-attr]
+    assert not final and tts.event_name(ev) == "failover"  # type: ignore[union-attr]
     assert other_json(ev)["resume_at"] == 0
 
 
@@ -1214,7 +1214,7 @@ def test_failover_after_audio_resumes_at_the_last_mark() -> None:
     text = "One. Two. Three."
     k = job_key(rig.request(C1, b"a", text=text, format="f32le", now=0.0), W1)
     evs = _stream_on(rig, W1, k, b"a", 0.2, fmt="f32le", rate=16000, marks=(4,))
-    assert [type(ev).__name__ for _, _, ev in evs] == ["Start", "Audio", "Other"]
+    assert [type(ev).__name__ for _, _, ev in evs] == ["Start", "Audio", "Mark"]
     assert evs[0][2].worker["id"] == "w1"  # type: ignore[union-attr]
     assert other_json(evs[2][2]) == {"segment": 0, "end": 4}
     # W1 gets half way into "Two." and falls silent.
@@ -1234,7 +1234,7 @@ def test_failover_after_audio_resumes_at_the_last_mark() -> None:
     # W2's start is not forwarded: the client gets a failover event instead.
     out = rig.core.on_worker(W2, start(k, b"a", fmt="f32le", rate=16000, engine="piper"), 3.4)
     [(final, rid, ev)] = events(out, C1)
-    assert not final and rid == b"a" and isinstance(ev, tts.Other) and ev.event == "failover"
+    assert not final and rid == b"a" and tts.event_name(ev) == "failover"
     fo = other_json(ev)
     assert fo == {"engine": "piper", "voice": "en_US-joe-medium", "worker": {"pid": 123, "id": "w2"}, "reason": "heartbeat lost", "resume_at": 4}
     # Sequence numbers go on without a gap; W2's marks are offset by resume_at.
@@ -2086,7 +2086,7 @@ class BrokerMachine(RuleBasedStateMachine):
                     # Gapless, across failovers too.
                     assert stream["seq"] == ev.seq, f"audio seq {ev.seq}, expected {stream['seq']}"
                     stream["seq"] += 1
-                elif isinstance(ev, tts.Other) and ev.event == "mark":
+                elif tts.event_name(ev) == "mark":
                     m = other_json(ev)
                     assert m["segment"] == stream["marks"]
                     assert m["end"] > stream["last_mark"], f"mark end {m['end']} does not advance past {stream['last_mark']}"
@@ -2094,7 +2094,7 @@ class BrokerMachine(RuleBasedStateMachine):
                     assert m["end"] in sentence_ends(self.texts[key]), (m, self.texts[key])
                     stream["last_mark"] = m["end"]
                     stream["marks"] += 1
-                elif isinstance(ev, tts.Other) and ev.event == "failover":
+                elif tts.event_name(ev) == "failover":
                     fo = other_json(ev)
                     assert fo["resume_at"] == stream["last_mark"]
                     assert fo["worker"].get("id") and fo["reason"]
@@ -2273,7 +2273,7 @@ class BrokerMachine(RuleBasedStateMachine):
                     return
             if kind == "mark" or not self._holds(ident, job):
                 return
-        if kind.startswith("mark_") and job.held_start is not None:
+        if kind.startswith("mark_") and job.stream.held_start is not None:
             return  # known bug: see test_malformed_first_mark_does_not_lose_the_held_start
         msg = {
             "start_ok": lambda: start(k, rid, fmt=given["format"], rate=given["rate"]),
@@ -2304,7 +2304,7 @@ class BrokerMachine(RuleBasedStateMachine):
         ident = data.draw(st.sampled_from(self._busy()), label="worker")
         job = self.core.workers[ident].job
         assert job is not None
-        if job.rid is not None and not job.dispatch_started and not job.cancelled:
+        if job.rid is not None and job.state is ASSIGNED:
             kind = "start_ok"
         else:
             kind = data.draw(st.sampled_from(["audio", "audio", "audio", "mark", "mark", "other", "end", "end", "error"]), label="kind")
@@ -2365,6 +2365,8 @@ class BrokerMachine(RuleBasedStateMachine):
             assert (w.job is None) == in_idle, f"worker {ident!r} is neither busy nor idle (or both)"
             if w.job is not None:
                 assert w.job.worker is w
+                # A job its worker holds is live, or finished for the client and waiting for the worker to let go.
+                assert (w.job.state is CANCELLING) == (core.jobs.get(w.job.key) is not w.job), w.job.state
                 assert ident not in w.job.failed, "a job went back to a worker that failed it"
         for svc in core.services.values():
             assert len(set(map(id, svc.idle))) == len(svc.idle)
@@ -2373,10 +2375,10 @@ class BrokerMachine(RuleBasedStateMachine):
         waiting_ids = {id(j) for j in core.waiting}
         assert len(waiting_ids) == len(core.waiting)
         for j in core.waiting:
-            assert j.worker is None and not j.cancelled
+            assert j.worker is None and j.state is WAITING
             assert core.jobs.get(j.key) is j
             assert id(j) not in {id(h) for h in held}, "job both waiting and on a worker"
-            assert j.held_start is None
+            assert j.stream is None or j.stream.held_start is None
             if j.rid is not None:  # opaque: see test_requeued_opaque_job_gets_a_fresh_deadline
                 assert j.deadline > self.now, "a waiting job outlived its deadline"
             # No idle worker of its chain that has not failed it (computed without
@@ -2386,14 +2388,14 @@ class BrokerMachine(RuleBasedStateMachine):
                 if svc is not None:
                     assert not any(w.identity not in j.failed for w in svc.idle), "a waiting job has an idle worker that could serve it"
         for key, j in core.jobs.items():
-            assert j.key == key and not j.cancelled
+            assert j.key == key and j.state in (WAITING, ASSIGNED, STREAMING)
             assert (id(j) in waiting_ids) != (j.worker is not None)
             if j.worker is not None:
                 assert j.worker.job is j and core.workers.get(j.worker.identity) is j.worker
             if j.rid is not None:
                 assert core.by_client.get((j.client, j.rid)) is j
-                assert j.held_start is None or not j.started
-                assert j.base <= j.delivered <= len(j.request.text)  # type: ignore[union-attr]
+                assert j.stream is not None and (j.stream.held_start is None or not j.stream.started)
+                assert j.stream.base <= j.stream.delivered <= len(j.request.text)  # type: ignore[union-attr]
         assert all(core.jobs.get(j.key) is j for j in core.by_client.values())
         fresh = [j for j in core.waiting if j.key not in self.dispatched]
         assert len(fresh) <= core.s.max_queue
