@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 TTS_PROTOCOL = "tts/1"
 MAX_NAMES = 1024
 """Most languages or voices one worker may announce."""
+BASE_REQUEST_KEYS = frozenset({"text", "language", "voice", "engine", "format", "sample_rate", "chunk_ms", "speed", "stream"})
+"""The request keys every ``tts/1`` worker understands: those of workers that do not announce theirs."""
 
 
 class EngineCaps(BaseModel):
@@ -33,6 +35,16 @@ class EngineCaps(BaseModel):
     """Voice names a request may ask for (Piper voice, XTTS speakers)."""
     pid: Optional[int] = None
     host: Optional[str] = Field(default=None, max_length=255)
+    request_keys: Optional[list[str]] = Field(default=None, max_length=MAX_NAMES)
+    """Request keys this worker understands. A newer broker sends it only these, and
+    refuses a request that needs another; absent: :data:`BASE_REQUEST_KEYS`."""
+
+    def understands(self) -> frozenset[str]:
+        return frozenset(self.request_keys) if self.request_keys is not None else BASE_REQUEST_KEYS
+
+    def as_dict(self) -> dict[str, Any]:
+        """The READY frame's object: the inverse of :func:`parse_caps`."""
+        return self.model_dump(exclude_none=True)
 
     @field_validator("languages", "voices")
     @classmethod

@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Optional
 
 from . import mdp, tts
-from .caps import CapsError, EngineCaps, parse_caps
+from .caps import BASE_REQUEST_KEYS, CapsError, EngineCaps, parse_caps
 from .routing import Step, chain_for, route_language
 from .stream import Stream
 
@@ -754,13 +754,18 @@ class BrokerCore:
         if job.rid is not None:
             try:
                 body = [job.rid, self._request_for(job, worker, step)]
-            except Exception:
+            except Exception as exc:
                 # A request the broker cannot forward is this job's failure, not the broker's:
                 # end it, keep the worker, keep the loop.
-                log.exception("job %s: cannot build the request for worker %s; ending it", job.key.hex(), worker.label)
+                if isinstance(exc, tts.RequestError):
+                    log.warning("job %s: refused for worker %s: %s", job.key.hex(), worker.label, exc.message)
+                    final = tts.error_body(job.rid, exc.code, exc.message)
+                else:
+                    log.exception("job %s: cannot build the request for worker %s; ending it", job.key.hex(), worker.label)
+                    final = tts.error_body(job.rid, tts.INTERNAL, "the broker could not forward this request")
                 worker.job = job.worker = None
                 worker.service.idle.append(worker)
-                self._finish(job, out, tts.error_body(job.rid, tts.INTERNAL, "the broker could not forward this request"), "errors")
+                self._finish(job, out, final, "errors")
                 return
         out.append(Action(True, worker.identity, mdp.WorkerRequest(job.key, body).frames()))
 
@@ -799,7 +804,16 @@ class BrokerCore:
         stream = job.stream
         if stream is not None and stream.started:
             update.update(text=req.text[stream.base :], format=stream.format, sample_rate=stream.rate)
-        return req.model_copy(update=update).to_json()
+        # Forward compatibility: send only the keys this worker understands; one the
+        # client set that it does not is a request this worker cannot honour.
+        keys = caps.understands() if caps is not None else BASE_REQUEST_KEYS
+        missing = sorted(k for k in req.model_fields_set if k not in keys)
+        if missing:
+            raise tts.RequestError(
+                tts.BAD_REQUEST,
+                f"{', '.join(missing)}: not understood by the worker chosen ({worker.service.name}, an older engine)",
+            )
+        return req.model_copy(update=update).model_dump_json(include=set(keys), exclude_none=True).encode()
 
     # --------------------------------------------------------------- routing
 

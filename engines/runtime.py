@@ -19,7 +19,6 @@ model's first chunk 60 % slower here (65 ms instead of 40 ms).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -32,6 +31,7 @@ from typing import Iterator, Optional
 import zmq
 
 from broker import mdp, tts
+from broker.caps import EngineCaps
 from engines.audio import ChunkEncoder
 from engines.base import Engine
 from engines.text import split_sentences
@@ -102,8 +102,10 @@ class WorkerRuntime:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, f"{self.identity}/{self._generation}".encode())
         sock.connect(self.backend)
-        caps = {**self.engine.capabilities(), "pid": os.getpid(), "host": socket.gethostname()}
-        sock.send_multipart(mdp.WorkerReady(self.engine.service, caps).frames())
+        caps = EngineCaps.model_validate(
+            {**self.engine.capabilities(), "pid": os.getpid(), "host": socket.gethostname(), "request_keys": sorted(tts.SynthesisRequest.model_fields)}
+        )
+        sock.send_multipart(mdp.WorkerReady(self.engine.service, caps.as_dict()).frames())
         self._sock = sock
         now = time.monotonic()
         self._broker_expires = now + self.heartbeat_s * self.liveness
@@ -276,7 +278,7 @@ class WorkerRuntime:
                     send(encoder.push(audio))
                 send(encoder.end_segment())
                 # Everything before `hi` has been sent: a failover resumes here.
-                emit(_PARTIAL, [job.rid, b"mark", json.dumps({"end": hi}, separators=(",", ":")).encode()])
+                emit(_PARTIAL, tts.Mark(hi).body(job.rid))
                 sentences += 1
             elapsed = time.monotonic() - t0
             audio_s = samples / rate

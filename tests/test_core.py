@@ -2668,3 +2668,37 @@ def test_outcomes_are_counted_once_each() -> None:
     c = rig.core.counters
     assert not rig.core.jobs
     assert (c["requests"], c["completed"], c["errors"], c["cancelled"], c["expired"]) == (6, 2, 1, 2, 1)
+
+
+# --------------------------------------------------------------------------
+# Forward compatibility: a newer broker and an older worker
+# --------------------------------------------------------------------------
+
+
+OLD_KEYS = ["text", "language", "voice", "engine", "format", "sample_rate", "chunk_ms"]
+"""A worker from before ``speed`` and ``stream`` existed."""
+
+
+def test_older_worker_gets_only_the_keys_it_understands() -> None:
+    rig = Rig()
+    rig.worker(W1, capabilities=caps(request_keys=OLD_KEYS))
+    [req] = requests_to(rig.request(C1, b"a"), W1)
+    sent = json.loads(req.body[1])
+    assert set(sent) <= set(OLD_KEYS) and "speed" not in sent and sent["text"] == "Hello there."
+
+
+def test_request_needing_a_key_the_worker_lacks_is_refused_by_name() -> None:
+    rig = Rig()
+    rig.worker(W1, capabilities=caps(request_keys=OLD_KEYS))
+    out = rig.request(C1, b"a", speed=1.5)
+    assert error_code(out, C1) == tts.BAD_REQUEST and requests_to(out, W1) == []
+    [(_, _, ev)] = events(out, C1)
+    assert "speed" in ev.message  # type: ignore[union-attr]
+    assert rig.core.workers[W1] in rig.core.services[SVC_EN].idle
+
+
+def test_worker_that_announces_no_keys_gets_the_base_set() -> None:
+    rig = Rig()
+    rig.worker(W1)
+    [req] = requests_to(rig.request(C1, b"a", speed=1.5), W1)
+    assert json.loads(req.body[1])["speed"] == 1.5
