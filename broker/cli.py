@@ -16,6 +16,8 @@ import numpy as np
 import soundfile
 import zmq
 
+from engines import registry as engines
+
 from . import tts
 from .client import TtsClient, TtsError
 from .config import BrokerConfig, Config, ConfigError, load_config
@@ -227,7 +229,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     s.add_argument("text")
     s.add_argument("-l", "--language", default="en")
     s.add_argument("-o", "--output", default="out/say.wav")
-    s.add_argument("--engine", choices=["piper", "xtts"])
+    s.add_argument("--engine", choices=engines.names())
     s.add_argument("--voice")
     s.add_argument("--format", default="s16le", choices=list(tts.FORMATS))
     s.add_argument("--sample-rate", type=int)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from models.registry import DEFAULT_PIPER_VOICE
+from engines import registry as engines
+from engines.registry import EngineOptions
 
 from .core import CoreSettings
 from .routing import Step, parse_step
@@ -71,44 +72,49 @@ class RoutingConfig(_Strict):
         return {normalize_language(lang): tuple(parse_step(x) for x in steps) for lang, steps in self.chains.items()}
 
 
-class WorkerConfig(_Strict):
-    engine: Literal["piper", "xtts"] = "piper"
-    voice: str = DEFAULT_PIPER_VOICE
-    """Piper: bundled voice name, voice-directory name, or path to a ``.onnx``."""
-    model_dir: Optional[str] = None
-    """XTTS: local checkpoint directory (model.pth, config.json, vocab.json[, speakers_xtts.pth])."""
-    speakers: dict[str, str] = Field(default_factory=dict)
-    """XTTS: cloned speakers, name → reference WAV."""
-    default_speaker: Optional[str] = None
-    """XTTS: speaker used when a request names none (default: the first)."""
-    stream_mode: Literal["auto", "frames", "sentence"] = "auto"
-    """Piper: decode by frames (first audio in constant time), by sentence, or whichever is faster here."""
-    stream_chunk_size: int = Field(default=20, ge=1, le=400)
-    """XTTS: GPT tokens per streamed chunk (smaller: sooner first audio, more overhead)."""
+class WorkerConfig(BaseModel):
+    """One ``[[workers]]`` table: the keys every engine has, plus its engine's own (``engines/registry.py``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    engine: str = "piper"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     count: int = Field(default=1, ge=0, le=64)
     """Worker processes to run for this entry."""
+    _options: EngineOptions = PrivateAttr()
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        engines.get(v)  # raises ValueError naming the known ones
+        return v
 
     @model_validator(mode="after")
     def _engine_keys(self) -> "WorkerConfig":
-        if self.engine == "xtts" and not self.model_dir:
-            raise ValueError("an xtts worker needs model_dir")
-        given = self.model_fields_set
-        if self.engine == "piper" and given & {"model_dir", "speakers", "default_speaker", "stream_chunk_size"}:
-            raise ValueError("model_dir, speakers, default_speaker and stream_chunk_size are for xtts workers")
-        if self.engine == "xtts" and given & {"voice", "stream_mode"}:
-            raise ValueError("voice and stream_mode are for piper workers (xtts speakers go in speakers)")
+        spec = engines.get(self.engine)
+        try:
+            self._options = spec.options.model_validate(self.model_extra or {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{where}: {first['msg']} (for {self.engine} workers)") from None
+        # Every option, defaults included, reads as an attribute: ``w.voice``, ``w.model_dir``.
+        self.__pydantic_extra__ = self._options.model_dump()
         return self
+
+    @property
+    def options(self) -> EngineOptions:
+        return self._options
 
     @property
     def voice_names(self) -> list[str]:
         """Voices this entry will serve, known before its workers register."""
-        if self.engine == "xtts":
-            return list(self.speakers) + ([self.default_speaker] if self.default_speaker else [])
-        return [Path(self.voice).name.removesuffix(".onnx")]
+        return engines.get(self.engine).voices(self._options)
 
 
 class Config(_Strict):
+    engine_modules: list[str] = Field(default_factory=list)
+    """Modules that register further engines (``engines/registry.py``), imported before ``workers`` is read."""
     broker: BrokerConfig = BrokerConfig()
     routing: RoutingConfig = RoutingConfig()
     workers: list[WorkerConfig] = Field(default_factory=lambda: [WorkerConfig()])
@@ -120,6 +126,16 @@ class Config(_Strict):
     xtts_model_path: Optional[str] = None
     xtts_use_gpu: bool = False
     """…on CUDA when true, else on the CPU."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load_engines(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("engine_modules"), list):
+            try:
+                engines.load_modules([str(m) for m in data["engine_modules"]])
+            except ImportError as exc:
+                raise ValueError(f"engine_modules: cannot import {exc.name!r}") from None
+        return data
 
     @model_validator(mode="after")
     def _legacy_xtts(self) -> "Config":

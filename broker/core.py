@@ -75,6 +75,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Optional
 
+from engines import registry as engines
+
 from . import mdp, tts
 from .caps import BASE_REQUEST_KEYS, CapsError, EngineCaps, parse_caps
 from .routing import Step, chain_for, route_language
@@ -83,8 +85,6 @@ from .stream import Stream
 log = logging.getLogger("broker")
 
 MMI_SERVICE = "mmi.service"
-ENGINE_SERVICE_PREFIXES = ("piper.", "xtts")
-"""Service names reserved for engine workers: requests to them are TTS requests."""
 MAX_EMPTY_SERVICES = 256
 """Services with no live worker remembered at once; beyond this the oldest is forgotten
 at once (a peer cycling READYs through new names must not grow the table)."""
@@ -416,7 +416,7 @@ class BrokerCore:
             caps = parse_caps(cmd.capabilities)
         except CapsError as exc:
             return refuse(f"invalid capabilities: {exc}")
-        if caps is None and name.startswith(ENGINE_SERVICE_PREFIXES):
+        if caps is None and name.startswith(engines.service_prefixes()):
             return refuse("engine service without TTS capabilities")
         svc = self.services.get(name)
         if svc is not None and svc.workers and (svc.is_tts, svc.engine) != (caps is not None, caps and caps.engine):
@@ -651,7 +651,7 @@ class BrokerCore:
         svc = self.services.get(name)
         if svc is not None and svc.is_tts:
             return True
-        return name.startswith(ENGINE_SERVICE_PREFIXES)
+        return name.startswith(engines.service_prefixes())
 
     def _refuse(self, job: Job, why: str, out: list[Action]) -> None:
         log.warning("refused request from client %s: %s", job.client.hex(), why)

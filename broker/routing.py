@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Protocol
 
+from engines import registry as engines
+
 from . import tts
 
 
@@ -44,15 +46,13 @@ class Step:
 
 
 def parse_step(spec: str) -> Step:
-    """``piper:en_US-joe-medium`` → service ``piper.en_US-joe-medium``; ``xtts`` or ``xtts:narrator`` → ``xtts``."""
-    engine, _, voice = spec.partition(":")
-    if engine == "piper":
-        if not voice:
-            raise ValueError(f"chain step {spec!r}: piper steps name a voice, e.g. piper:en_US-joe-medium")
-        return Step(f"piper.{voice}")
-    if engine == "xtts":
-        return Step("xtts", voice or None)
-    raise ValueError(f"chain step {spec!r}: use piper:VOICE, xtts or xtts:SPEAKER")
+    """``piper:en_US-joe-medium`` → service ``piper.en_US-joe-medium``; ``xtts`` or ``xtts:narrator`` → ``xtts``.
+
+    Each engine says how its steps read (``engines/registry.py``)."""
+    try:
+        return Step(*engines.parse_step(spec))
+    except ValueError as exc:
+        raise ValueError(f"chain step {spec!r}: {exc}") from None
 
 
 def _speaks(svc: _Service, lang: str) -> bool:
@@ -80,7 +80,7 @@ def chain_for(
         steps = list(chains[lang])
     else:
         tts_services = [s for s in services.values() if _speaks(s, lang)]
-        steps = [Step(s.name) for s in sorted(tts_services, key=lambda s: (s.engine != "piper", s.name))]
+        steps = [Step(s.name) for s in sorted(tts_services, key=lambda s: (engines.rank(s.engine), s.name))]
     out = []
     for step in steps:
         svc = services.get(step.service)

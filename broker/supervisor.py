@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from engines import registry as engines
+
 from .config import Config, WorkerConfig
 
 log = logging.getLogger("broker.supervisor")
@@ -71,26 +73,16 @@ class _Slot:
 
 def worker_argv(cfg: Config, w: WorkerConfig) -> list[str]:
     b = cfg.broker
+    spec = engines.get(w.engine)
     argv = [
-        sys.executable, "-m", f"engines.{w.engine}",
+        sys.executable, "-m", spec.module,
         "--backend", b.backend.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1"),
         "--heartbeat-ms", str(b.heartbeat_ms),
         "--liveness", str(b.liveness),
         "--log-level", cfg.log_level,
         "--device", w.device,
     ]
-    if w.engine == "xtts":
-        assert w.model_dir is not None
-        argv += ["--model-dir", w.model_dir, "--stream-chunk-size", str(w.stream_chunk_size)]
-        for name, wav in w.speakers.items():
-            argv += ["--speaker", f"{name}={wav}"]
-        if w.default_speaker:
-            argv += ["--default-speaker", w.default_speaker]
-    else:
-        argv += ["--voice", w.voice, "--stream-mode", w.stream_mode]
-        for d in cfg.voice_dirs:
-            argv += ["--voice-dir", d]
-    return argv
+    return argv + spec.argv(w.options, cfg.voice_dirs)
 
 
 class Supervisor:
@@ -98,7 +90,7 @@ class Supervisor:
 
     def __init__(self, cfg: Config) -> None:
         self.slots = [
-            _Slot(f"{w.engine}:{w.model_dir if w.engine == 'xtts' else w.voice}#{i}", worker_argv(cfg, w))
+            _Slot(f"{engines.get(w.engine).service(w.options)}#{i}", worker_argv(cfg, w))
             for w in cfg.workers
             for i in range(w.count)
         ]

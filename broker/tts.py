@@ -110,7 +110,8 @@ class SynthesisRequest(BaseModel):
     text: str
     language: str = "en"
     voice: Optional[str] = Field(default=None, min_length=1, max_length=200)
-    engine: Optional[Literal["piper", "xtts"]] = None
+    engine: Optional[str] = Field(default=None, min_length=1, max_length=64)
+    """Restrict to one engine (``engines/registry.py``): ``piper``, ``xtts``, …"""
     format: Literal["s16le", "f32le"] = "s16le"
     sample_rate: Optional[int] = Field(default=None, ge=MIN_RATE, le=MAX_RATE)
     """Output rate in Hertz; default the engine's native rate."""
@@ -127,6 +128,15 @@ class SynthesisRequest(BaseModel):
         v = clean_text(v)
         if not v.strip():
             raise ValueError("text is empty")
+        return v
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: Optional[str]) -> Optional[str]:
+        from engines import registry  # here, not at the top: the registry's voices import this module
+
+        if v is not None and v not in registry.names():
+            raise ValueError(f"unknown engine; known: {', '.join(registry.names())}")
         return v
 
     @field_validator("language")

@@ -59,13 +59,15 @@ def wait_services(frontend: str, services: list[str], timeout: float = 120.0) ->
         client.close()
 
 
-def start_serve(tmp: Path, workers_toml: Optional[str], extra_broker: str = "") -> Served:
-    """Start ``tts-broker serve`` on free ports; ``workers_toml`` None means no config file (defaults)."""
+def start_serve(tmp: Path, workers_toml: Optional[str], extra_broker: str = "", top: str = "") -> Served:
+    """Start ``tts-broker serve`` on free ports; ``workers_toml`` None means no config file (defaults).
+
+    ``top`` goes before ``[broker]`` (top-level keys such as ``engine_modules``)."""
     fe, be = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     argv = [sys.executable, "-m", "broker.cli", "serve", "--frontend", fe, "--backend", be]
     if workers_toml is not None:
         cfg = tmp / "serve.toml"
-        cfg.write_text(f'log_level = "INFO"\n[broker]\n{extra_broker}\n{workers_toml}')
+        cfg.write_text(f'log_level = "INFO"\n{top}\n[broker]\n{extra_broker}\n{workers_toml}')
         argv += ["--config", str(cfg)]
     log = tmp / "serve.log"
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
