@@ -19,6 +19,28 @@ from broker.tts import SAMPLE_WIDTH
 _S16_MAX = 32767.0
 
 
+LIMIT_KNEE = 0.7
+"""Where :func:`soft_limit` starts bending: below it samples pass unchanged."""
+
+
+def soft_limit(audio: np.ndarray, knee: float = LIMIT_KNEE) -> np.ndarray:
+    """Bend peaks above ``knee`` smoothly towards full scale instead of clipping them.
+
+    For audio whose level is set before its peaks are known (Piper's frame
+    mode, one gain per voice): stateless, so each window is limited alone and
+    the stream stays seamless; continuous with slope 1 at the knee; never
+    beyond ±1, so :func:`to_pcm` has nothing to clip.
+    """
+    mag = np.abs(audio)
+    over = mag > knee
+    if not over.any():
+        return audio
+    out = audio.copy()
+    room = 1.0 - knee
+    out[over] = np.sign(audio[over]) * (knee + room * np.tanh((mag[over] - knee) / room))
+    return out
+
+
 def to_pcm(audio: np.ndarray, fmt: str) -> bytes:
     """Float samples → little-endian PCM bytes, clipped to [-1, 1].
 

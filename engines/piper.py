@@ -25,21 +25,36 @@ import onnxruntime
 from piper import PiperVoice, SynthesisConfig
 
 from broker.tts import SynthesisRequest
+from engines.audio import soft_limit
 from engines.base import Engine
-from engines.vits_split import FrameStreamer, optimised_model
+from engines.vits_split import FrameStreamer, optimised_model, session_options
 from models.registry import DEFAULT_PIPER_VOICE, resolve_piper_voice
 
 log = logging.getLogger("engines.piper")
 
 _SHORT_IDS = 40
 """Phoneme ids (a few words) up to which frame mode runs the whole voice at once."""
-_CALIBRATION = "The quick brown fox jumps over the lazy dog. Roll for initiative! Where did the dragon go?"
+_CALIBRATION = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Roll for initiative!",
+    "Where did the dragon go?",
+    "In the flickering torchlight the old cartographer unrolled a brittle map across the oak table.",
+    "The innkeeper wiped his hands on his apron and leaned closer.",
+    "Three goblins burst through the door, shrieking.",
+    "Nothing moves in the silent hall; only dust drifts in the pale light.",
+    "Tell me, traveller, what brings you so far from home?",
+)
+"""Sentences whose loudness frame mode matches (median per sentence); not the tests' narration set."""
 _LONG_SENTENCE = (
     "In the flickering torchlight the old cartographer unrolled a brittle map across the oak table, "
     "tracing with one trembling finger the forgotten road that wound past the drowned village."
 )
 
 CUDA = "CUDAExecutionProvider"
+
+
+def _rms(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
 
 
 class DeviceError(RuntimeError):
@@ -74,6 +89,13 @@ class PiperEngine(Engine):
         self.model_path = files.model if stream_mode == "sentence" else optimised_model(files.model)
         log.info("loading Piper voice %s from %s (device %s)", files.name, self.model_path, "cuda" if use_cuda else "cpu")
         self.voice = PiperVoice.load(self.model_path, files.config, use_cuda=use_cuda)
+        # piper-tts builds its session with default options; rebuild it with the worker's own
+        # (no memory patterns: see engines/vits_split.session_options), on the providers it got.
+        self.voice.session = onnxruntime.InferenceSession(
+            str(self.model_path),
+            session_options(),
+            providers=[(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"})] if CUDA in self.voice.session.get_providers() else ["CPUExecutionProvider"],
+        )
         providers = self.voice.session.get_providers()
         if use_cuda and CUDA not in providers:
             # onnxruntime falls back to CPU silently when CUDA fails to initialise.
@@ -98,7 +120,7 @@ class PiperEngine(Engine):
                     raise
                 log.warning("voice %s cannot stream by frames (%s); streaming by sentence", files.name, exc)
         if self.frames is not None:
-            self.frame_gain = self._calibrate_gain()
+            self.frame_gain = self.frames.cached_gain(self._calibrate_gain)
             self.stream_mode = stream_mode if stream_mode != "auto" else self._faster_mode()
         log.info("Piper voice %s streams by %s", files.name, "frames" if self.stream_mode == "frames" else "sentence")
 
@@ -118,12 +140,17 @@ class PiperEngine(Engine):
 
     def _calibrate_gain(self) -> float:
         """Piper scales each sentence to full scale, which needs the whole sentence; frame mode
-        uses instead one gain for the voice: the median of those scalings over a few sentences."""
+        uses instead one gain for the voice, chosen to match sentence mode's loudness (RMS):
+        the median ratio over a few sentences. Peaks it pushes past full scale are bent
+        back by :func:`engines.audio.soft_limit`, not clipped."""
         assert self.frames is not None
         gains = []
-        for phonemes in self.voice.phonemize(_CALIBRATION):
-            audio = np.concatenate(list(self.frames.stream(self.frames.latents(self._feeds(phonemes, 1.0)))))
-            gains.append(1.0 / max(float(np.abs(audio).max()), 1e-3))
+        for sentence in _CALIBRATION:
+            raw = np.concatenate(
+                [a for ph in self.voice.phonemize(sentence) if ph for a in self.frames.stream(self.frames.latents(self._feeds(ph, 1.0)))]
+            )
+            spoken = np.concatenate([c.audio_float_array for c in self.voice.synthesize(sentence)])
+            gains.append(_rms(spoken) / max(_rms(raw), 1e-6))
         return float(np.median(gains))
 
     def _faster_mode(self) -> str:
@@ -147,10 +174,10 @@ class PiperEngine(Engine):
             feeds = self._feeds(phonemes, request.speed)
             if feeds["input"].shape[1] <= _SHORT_IDS:
                 # Too short to gain from windows: one run of the whole voice is cheaper than two graphs.
-                yield self.voice.session.run(None, feeds)[0].reshape(-1) * self.frame_gain
+                yield soft_limit(self.voice.session.run(None, feeds)[0].reshape(-1) * self.frame_gain)
                 continue
             for audio in self.frames.stream(self.frames.latents(feeds)):
-                yield audio * self.frame_gain
+                yield soft_limit(audio * self.frame_gain)
 
     def _speak_sentences(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
         config = SynthesisConfig(length_scale=(self.voice.config.length_scale or 1.0) / request.speed)

@@ -47,6 +47,10 @@ HOP = 256
 """Output samples per latent frame (Piper voices upsample 8·8·4)."""
 
 
+_GAIN_VERSION = 2
+"""Part of the gain's cache key: bumped whenever its calibration changes (2: loudness-matched)."""
+
+
 def _publish(path: Path, write: Callable[[Path], None]) -> None:
     """Write ``path`` whole or not at all: to a private temporary name, then one atomic rename.
 
@@ -139,6 +143,22 @@ def optimised_model(model: Path, cache: Path | None = None) -> Path:
     return whole if json.loads(meta.read_text())["rewritten"] else model
 
 
+def session_options() -> onnxruntime.SessionOptions:
+    """Options for every session of a Piper worker (the whole voice and both halves of the split).
+
+    Memory patterns are off. With them onnxruntime plans each run's tensors as one block per
+    input shape and caches that plan for every distinct shape it has seen, forever; a voice's
+    inputs change length with every sentence (and its intermediate lengths with the predicted
+    durations), so a worker's arena kept fragmenting and its RSS kept creeping up (issue 11:
+    +0.5-0.9 MB/min over a 10-minute soak). Without them the arena grows to the largest shape
+    it has served and stays there (``python -m bench.soak``; README, "Worker memory"), and
+    runs take the same time (measured interleaved in one process, 2 cores).
+    """
+    opts = onnxruntime.SessionOptions()
+    opts.enable_mem_pattern = False
+    return opts
+
+
 def _first_add_after(node, consumers: dict) -> str:  # type: ignore[no-untyped-def]
     todo = deque(node.output)
     seen = set()
@@ -160,13 +180,24 @@ class FrameStreamer:
     frontend: onnxruntime.InferenceSession
     decoder: onnxruntime.InferenceSession
     seam: list[str]
+    cache: Path
+    """The voice's cache entry (split graphs, gain)."""
     margin: int = MARGIN
     schedule: Sequence[int] = SCHEDULE
+
+    def cached_gain(self, calibrate: Callable[[], float]) -> float:
+        """The voice's frame-mode gain: measured once (it costs two syntheses of a few sentences), then read."""
+        path = self.cache / f"gain-v{_GAIN_VERSION}.json"
+        if path.is_file():
+            return float(json.loads(path.read_text())["gain"])
+        gain = calibrate()
+        _publish(path, lambda p: p.write_text(json.dumps({"gain": gain})))
+        return gain
 
     @classmethod
     def load(cls, model: Path, providers: list[str], cache: Path | None = None) -> "FrameStreamer":
         front, dec, seam = split_model(model, cache)
-        opts = onnxruntime.SessionOptions()
+        opts = session_options()
         # onnxruntime's pool threads spin after each run by default: between the frontend and
         # the first window, and after each window, they would hold the cores that the broker
         # and client need to relay the audio just made. Measured here (2 cores): first window
@@ -176,6 +207,7 @@ class FrameStreamer:
             onnxruntime.InferenceSession(str(front), opts, providers=providers),
             onnxruntime.InferenceSession(str(dec), opts, providers=providers),
             seam,
+            front.parent,
         )
 
     def latents(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engines.audio import ChunkEncoder, to_pcm
+from engines.audio import LIMIT_KNEE, ChunkEncoder, soft_limit, to_pcm
 
 
 def _tone(rate: int, seconds: float, hz: float = 440.0) -> np.ndarray:
@@ -57,3 +57,22 @@ def test_resampling_keeps_duration_and_pitch(out_rate: int) -> None:
     # Each segment flushes the resampler: a second segment starts clean.
     again = list(enc.push(tone)) + list(enc.end_segment())
     assert abs(len(b"".join(again)) // 4 - out_rate) <= 2
+
+
+@given(st.lists(st.floats(-50.0, 50.0, allow_nan=False, width=32), min_size=1, max_size=200))
+def test_soft_limit_never_reaches_past_full_scale_and_keeps_quiet_samples(xs: list[float]) -> None:
+    x = np.array(xs, dtype=np.float32)
+    y = soft_limit(x)
+    assert np.all(np.abs(y) <= 1.0)
+    quiet = np.abs(x) <= LIMIT_KNEE
+    assert np.array_equal(y[quiet], x[quiet])
+    assert np.all(np.sign(y) == np.sign(x))
+    order = np.argsort(x, kind="stable")
+    assert np.all(np.diff(y[order]) >= -1e-7), "not monotonic"
+
+
+def test_soft_limit_is_smooth_at_the_knee() -> None:
+    eps = 1e-4
+    x = np.array([LIMIT_KNEE - eps, LIMIT_KNEE, LIMIT_KNEE + eps], dtype=np.float64)
+    y = soft_limit(x)
+    assert abs((y[2] - y[1]) / eps - 1.0) < 1e-3  # slope 1 on both sides: no kink to hear

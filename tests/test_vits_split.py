@@ -205,3 +205,37 @@ def test_two_workers_on_a_cold_cache_never_see_a_half_written_graph(tmp_path: Pa
 
     for path in tmp_path.glob("*/*.onnx"):
         onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+NARRATION = (
+    "The torchlight flickers across the damp stone walls.",
+    "Somewhere below, a door groans open, and the party holds its breath.",
+    "The old wizard raised his staff and spoke a single word of power.",
+    "Rain hammered the roof of the tavern while the bard tuned his lute.",
+    "You find three silver coins and a rusted key beneath the floorboards.",
+    "The dragon's eyes narrowed as it considered your offer.",
+    "Nobody answers when you knock, but the door is not locked.",
+    "A cold wind blows from the north, carrying the smell of smoke.",
+)
+"""Ordinary narration, none of it among the sentences the gain is calibrated on."""
+
+
+def test_frame_mode_never_hard_clips_and_is_as_loud_as_sentence_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frame mode sets one gain per voice before a sentence's peaks exist: peaks are limited, not
+    clipped, and loudness matches piper-tts's own per-sentence normalisation (median over sentences)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # calibrate afresh, not from a cached gain
+    engine = PiperEngine(device="cpu", stream_mode="frames")
+
+    def rms(a: np.ndarray) -> float:
+        return float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
+
+    diffs_db = []
+    for text in NARRATION:
+        req = SynthesisRequest(text=text)
+        frames = np.concatenate(list(engine._speak_frames(text, req)))
+        sentence = np.concatenate(list(engine._speak_sentences(text, req)))
+        assert np.abs(frames).max() <= 1.0, f"{text!r}: peak {np.abs(frames).max():.2f} would be clipped"
+        diffs_db.append(20 * np.log10(rms(frames) / rms(sentence)))
+    assert abs(float(np.median(diffs_db))) < 1.0, [round(d, 2) for d in diffs_db]
+    # The gain was measured once and cached with the split.
+    assert list(tmp_path.glob("tts-broker/piper-split/*/gain-v*.json"))
