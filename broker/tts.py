@@ -117,7 +117,7 @@ class SynthesisRequest(BaseModel):
     """Output rate in Hertz; default the engine's native rate."""
     chunk_ms: int = Field(default=40, ge=10, le=1000)
     """Audio per chunk in milliseconds (the last chunk of a sentence may be shorter)."""
-    speed: float = Field(default=1.0, gt=0.25, le=4.0)
+    speed: float = Field(default=1.0, gt=0.25, le=4.0, allow_inf_nan=False)
     """Speaking rate multiplier: 2.0 speaks twice as fast."""
     stream: Optional[Literal["frames", "sentence"]] = None
     """Piper: decode by frames (first audio in constant time) or by sentence; default the worker's."""

@@ -84,6 +84,11 @@ def test_bad_field_is_named() -> None:
     assert "format" in _code(_req(text="hi", format="wav")).message
 
 
+@pytest.mark.parametrize("raw", [b'{"text": "hi", "speed": NaN}', b'{"text": "hi", "speed": Infinity}'])
+def test_non_finite_speed_is_refused_as_not_a_number(raw: bytes) -> None:
+    assert "finite" in _code(raw).message
+
+
 def test_too_large() -> None:
     err = _code(_req(text="x" * (LIMIT + 1)))
     assert err.code == tts.TOO_LARGE
