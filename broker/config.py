@@ -97,7 +97,7 @@ class WorkerConfig(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"{where}: {first['msg']} (for {self.engine} workers)") from None
+            raise ValueError(f"{where + ': ' if where else ''}{first['msg']} (for {self.engine} workers)") from None
         # Every option, defaults included, reads as an attribute: ``w.voice``, ``w.model_dir``.
         self.__pydantic_extra__ = self._options.model_dump()
         return self

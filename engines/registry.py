@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.registry import DEFAULT_PIPER_VOICE
 
@@ -141,8 +141,8 @@ register(
 
 
 class XttsOptions(EngineOptions):
-    model_dir: str
-    """Local checkpoint directory (model.pth, config.json, vocab.json[, speakers_xtts.pth])."""
+    model_dir: Optional[str] = None
+    """Local checkpoint directory (model.pth, config.json, vocab.json[, speakers_xtts.pth]); required."""
     speakers: dict[str, str] = Field(default_factory=dict)
     """Cloned speakers, name → reference WAV."""
     default_speaker: Optional[str] = None
@@ -150,9 +150,16 @@ class XttsOptions(EngineOptions):
     stream_chunk_size: int = Field(default=20, ge=1, le=400)
     """GPT tokens per streamed chunk (smaller: sooner first audio, more overhead)."""
 
+    @model_validator(mode="after")
+    def _needs_model_dir(self) -> "XttsOptions":
+        if not self.model_dir:
+            raise ValueError("an xtts worker needs model_dir (no model is ever downloaded)")
+        return self
+
 
 def _xtts_argv(o: EngineOptions, voice_dirs: list[str]) -> list[str]:
     assert isinstance(o, XttsOptions)
+    assert o.model_dir is not None
     argv = ["--model-dir", o.model_dir, "--stream-chunk-size", str(o.stream_chunk_size)]
     for name, wav in o.speakers.items():
         argv += ["--speaker", f"{name}={wav}"]

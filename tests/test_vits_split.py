@@ -220,22 +220,13 @@ NARRATION = (
 """Ordinary narration, none of it among the sentences the gain is calibrated on."""
 
 
-def test_frame_mode_never_hard_clips_and_is_as_loud_as_sentence_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Frame mode sets one gain per voice before a sentence's peaks exist: peaks are limited, not
-    clipped, and loudness matches piper-tts's own per-sentence normalisation (median over sentences)."""
+def test_frame_mode_never_hard_clips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frame mode sets one gain per voice before a sentence's peaks exist: peaks past full
+    scale are bent back by the limiter, never left for ``to_pcm`` to clip."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # calibrate afresh, not from a cached gain
     engine = PiperEngine(device="cpu", stream_mode="frames")
-
-    def rms(a: np.ndarray) -> float:
-        return float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
-
-    diffs_db = []
     for text in NARRATION:
-        req = SynthesisRequest(text=text)
-        frames = np.concatenate(list(engine._speak_frames(text, req)))
-        sentence = np.concatenate(list(engine._speak_sentences(text, req)))
+        frames = np.concatenate(list(engine._speak_frames(text, SynthesisRequest(text=text))))
         assert np.abs(frames).max() <= 1.0, f"{text!r}: peak {np.abs(frames).max():.2f} would be clipped"
-        diffs_db.append(20 * np.log10(rms(frames) / rms(sentence)))
-    assert abs(float(np.median(diffs_db))) < 1.0, [round(d, 2) for d in diffs_db]
     # The gain was measured once and cached with the split.
     assert list(tmp_path.glob("tts-broker/piper-split/*/gain-v*.json"))
