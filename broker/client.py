@@ -149,6 +149,10 @@ class TtsClient:
 
     def speak(self, text: str, *, service: str = tts.SERVICE, **options: Any) -> Stream:
         """Send a request; options are the JSON keys of PROTOCOL.md (language, voice, format…)."""
+        # A disconnect notice queued while no one was reading (say the broker
+        # restarted while this client was idle) concerns the streams in flight
+        # now, never this one: handle it before the new stream exists.
+        self._drain_monitor()
         rid = self._prefix + str(next(self._ids)).encode()
         stream = Stream(self, rid)
         self._streams[rid] = stream
@@ -174,6 +178,15 @@ class TtsClient:
                 return mdp.decode_client_reply(self.sock.recv_multipart())
             except mdp.ProtocolError:
                 continue
+
+    def _drain_monitor(self) -> None:
+        """Handle every disconnect notice already queued, without waiting."""
+        while True:
+            try:
+                self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._connection_lost()
 
     def _connection_lost(self) -> None:
         for stream in self._streams.values():
@@ -216,6 +229,7 @@ class TtsClient:
 
     def _call(self, service: str, body: list[bytes], timeout: float) -> Optional[mdp.ClientReply]:
         """A plain request/reply (MMI, status) that may interleave with streams."""
+        self._drain_monitor()
         self.sock.send_multipart(mdp.ClientRequest(service, body).frames())
         deadline = time.monotonic() + timeout
         while True:

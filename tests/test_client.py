@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from broker.client import AsyncTtsClient, TtsClient, TtsError
 from broker.tts import Audio, End, Start
-from tests.conftest import EN_VOICE, Served
+from tests.conftest import EN_VOICE, ROOT, Served, free_port, stop_serve, wait_services
 from tests.test_e2e import LONG
 
 
@@ -66,3 +69,56 @@ def test_asyncio_client(served: Served) -> None:
             await c.close()
 
     asyncio.run(main())
+
+
+def serve_on(tmp: Path, frontend: str, backend: str) -> Served:
+    """``tts-broker serve`` (default configuration: one English Piper worker) on fixed endpoints,
+    so that it can be restarted where its clients stay connected."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    log = tmp / "serve.log"
+    argv = [sys.executable, "-m", "broker.cli", "serve", "--frontend", frontend, "--backend", backend]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    return Served(proc, frontend, backend, log)
+
+
+def test_new_stream_after_broker_restart_while_idle(tmp_path: Path) -> None:
+    """The broker restarts while both clients are idle (no stream in flight). The disconnect
+    notice that the restart leaves queued concerns no stream: the next stream must be served
+    by the new broker, not fail with ``unavailable`` while that broker synthesises it."""
+    fe, be = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    running = [serve_on(tmp_path / "first", fe, be)]
+
+    def restart() -> None:
+        old = running.pop()
+        rc = stop_serve(old)
+        assert rc == 0, f"serve exited with {rc}; log:\n{old.log_text()[-3000:]}"
+        running.append(serve_on(tmp_path / "second", fe, be))
+        wait_services(fe, ["tts"], timeout=120)
+
+    async def main() -> None:
+        wait_services(fe, ["tts"], timeout=120)
+        sync_client = TtsClient(fe, timeout=30)
+        async_client = AsyncTtsClient(fe, timeout=30)
+        try:
+            assert sync_client.speak("Before the restart.").audio()
+            assert await (await async_client.speak("Async, before the restart.")).audio()
+            # Restart off the event loop, which keeps running as an idle application's would.
+            await asyncio.get_running_loop().run_in_executor(None, restart)
+            s = sync_client.speak("After the restart.")
+            assert s.audio(), "no audio after the restart"
+            assert s.end is not None and s.end.stats["engines"] == ["piper"]
+            a = await async_client.speak("Async, after the restart.")
+            assert await a.audio()
+            assert a.end is not None
+            # Nothing was left behind: no orphan stream in flight at the new broker.
+            assert sync_client.status()["inflight"] == 0
+        finally:
+            sync_client.close()
+            await async_client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for s in running:
+            rc = stop_serve(s)
+            assert rc == 0, f"serve exited with {rc}; log:\n{s.log_text()[-3000:]}"

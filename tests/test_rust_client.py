@@ -19,7 +19,7 @@ import pytest
 import soundfile as sf
 
 from tests.asr import transcribe, words_heard
-from tests.conftest import ROOT, Served, start_serve, stop_serve, wait_services
+from tests.conftest import ROOT, Served, free_port, start_serve, stop_serve, wait_services
 
 RUST_DIR = ROOT / "clients" / "rust"
 TARGET = RUST_DIR / "target"
@@ -159,3 +159,35 @@ def test_concurrent_streams_and_cancel(rust_build: Path | MissingTooling, broker
     assert [l.split(":")[0].rsplit("-", 1)[1] for l in lines] == ["2", "1", "0"], proc.stdout
     assert all(int(re.search(r": (\d+) bytes", l).group(1)) > 10_000 for l in lines), proc.stdout
     assert re.search(r"cancelled after \d+ chunk\(s\): cancelled", proc.stdout), proc.stdout
+
+
+def test_stream_after_idle_broker_restart(rust_build: Path | MissingTooling, tmp_path: Path) -> None:
+    """The broker restarts while the Rust client is idle; its next stream must be served, not
+    failed by the stale disconnect notice the restart left queued (``examples/idle_restart.rs``)."""
+    from tests.test_client import serve_on
+
+    rust_bins = _bins(rust_build)
+    fe, be = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    running = [serve_on(tmp_path / "first", fe, be)]
+    proc = subprocess.Popen([str(rust_bins / "examples" / "idle_restart"), fe], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_services(fe, ["tts"], timeout=120)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert re.match(r"before: \d+ bytes", first), (first, proc.stderr.read() if proc.poll() is not None else "")
+        assert int(first.split()[1]) > 10_000, first
+        rc = stop_serve(running.pop())
+        assert rc == 0, f"serve exited with {rc}"
+        running.append(serve_on(tmp_path / "second", fe, be))
+        wait_services(fe, ["tts"], timeout=120)
+        out, err = proc.communicate("go\n", timeout=120)
+        assert proc.returncode == 0, f"second stream failed: {err}"
+        m = re.search(r"after: (\d+) bytes, engines \[\"piper\"\]", out)
+        assert m and int(m.group(1)) > 10_000, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for s in running:
+            assert stop_serve(s) == 0, s.log_text()[-3000:]

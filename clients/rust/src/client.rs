@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::audio::Audio;
 use crate::error::{Error, ProtocolError};
-use crate::event::{AudioSpec, Event, Stats};
+use crate::event::{AudioSpec, Event, SampleFormat, Stats};
 use crate::protocol::{
-    check_service_name, decode_reply, encode_cancel, encode_request, encode_tts_request, parse_event, split_event,
-    Frames, Reply, StreamTracker, CANCEL_SERVICE, MMI_SERVICE, STATUS_SERVICE, TTS_SERVICE,
+    check_service_name, decode_cancel_reply, decode_opaque_error, decode_reply, encode_cancel, encode_request,
+    encode_tts_request, parse_event, split_event, CancelOutcome, Frames, Reply, ServiceStatus, StreamTracker,
+    CANCEL_SERVICE, MMI_SERVICE, STATUS_SERVICE, TTS_SERVICE,
 };
 use crate::request::Request;
 
@@ -44,6 +46,8 @@ struct Inner {
     /// Plain calls (MMI, status, opaque services) waiting, per service.
     calls: HashMap<String, usize>,
     replies: VecDeque<Reply>,
+    /// Cancels waiting for the broker's answer, per request id: how many wait, and answers not taken yet.
+    cancels: HashMap<Vec<u8>, (usize, VecDeque<CancelOutcome>)>,
     next_id: u64,
 }
 
@@ -82,6 +86,15 @@ fn random_prefix() -> String {
         h.write_u128(t.as_nanos());
     }
     format!("{:08x}", h.finish() as u32)
+}
+
+/// `now + d`, or `None` (wait forever) when that is beyond what `Instant` can hold.
+fn deadline_after(d: Duration) -> Option<Instant> {
+    Instant::now().checked_add(d)
+}
+
+fn expired(deadline: Option<Instant>) -> bool {
+    matches!(deadline, Some(d) if Instant::now() >= d)
 }
 
 fn millis(d: Duration) -> i64 {
@@ -125,6 +138,7 @@ impl Client {
         })
     }
 
+    /// The endpoint this client connected to.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
@@ -141,7 +155,8 @@ impl Client {
         Ok(self)
     }
 
-    /// Change the timeout; it also bounds how long a send may block.
+    /// Change the timeout; it also bounds how long a send may block. Any
+    /// `Duration` is accepted: one too long to represent means "forever".
     pub fn set_timeout(&self, timeout: Duration) -> Result<(), Error> {
         self.sock
             .set_sndtimeo(i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX))?;
@@ -162,6 +177,7 @@ impl Client {
     /// Send a request to a given TTS service (`tts`, `piper.<voice>`, `xtts`).
     pub fn speak_to(&self, service: &str, request: &Request) -> Result<Stream<'_>, Error> {
         check_service_name(service.as_bytes()).map_err(|e| Error::InvalidRequest(e.message().to_string()))?;
+        self.drain_monitor()?;
         let rid = {
             let mut inner = self.inner.borrow_mut();
             let id = inner.next_id;
@@ -187,10 +203,15 @@ impl Client {
         })
     }
 
-    /// A plain request/reply on a non-TTS service (MMI, `tts.status`, an
-    /// opaque service); returns the reply body (frames 3+). Replies are
-    /// matched to calls by service name, first come first served.
-    pub fn call(&self, service: &str, body: &[&[u8]], timeout: Duration) -> Result<Frames, Error> {
+    /// A plain request on a non-TTS service (MMI, `tts.status`, an opaque
+    /// MDP/0.2 service): returns every reply, in order, each with its flag
+    /// ([`Reply::is_final`]): the PARTIALs, then the FINAL, last. Fails with
+    /// [`Error::Timeout`] when nothing arrives for `timeout` (reset by each
+    /// PARTIAL), and with [`Error::Tts`] when the broker itself ended the
+    /// request (its FINAL `"error"`, `{"code", "message"}`: `timeout`,
+    /// `overloaded`, `internal`). Replies are matched to calls by service
+    /// name, first come first served.
+    pub fn call(&self, service: &str, body: &[&[u8]], timeout: Duration) -> Result<Vec<Reply>, Error> {
         check_service_name(service.as_bytes()).map_err(|e| Error::InvalidRequest(e.message().to_string()))?;
         if body.is_empty() {
             return Err(Error::InvalidRequest("a request needs at least one body frame".into()));
@@ -208,19 +229,38 @@ impl Client {
         result
     }
 
-    fn call_inner(&self, service: &str, body: &[&[u8]], timeout: Duration) -> Result<Frames, Error> {
+    /// [`Client::call`] returning only the FINAL's body.
+    pub fn call_final(&self, service: &str, body: &[&[u8]], timeout: Duration) -> Result<Frames, Error> {
+        let mut replies = self.call(service, body, timeout)?;
+        Ok(replies.pop().map(|r| r.body).unwrap_or_default())
+    }
+
+    fn call_inner(&self, service: &str, body: &[&[u8]], timeout: Duration) -> Result<Vec<Reply>, Error> {
+        self.drain_monitor()?;
         self.send(encode_request(service, body), 0)?;
-        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        let mut deadline = deadline_after(timeout);
         loop {
-            {
+            let next = {
                 let mut inner = self.inner.borrow_mut();
-                if let Some(pos) = inner.replies.iter().position(|r| r.service == service) {
-                    if let Some(reply) = inner.replies.remove(pos) {
-                        return Ok(reply.body);
-                    }
+                match inner.replies.iter().position(|r| r.service == service) {
+                    Some(pos) => inner.replies.remove(pos),
+                    None => None,
                 }
+            };
+            if let Some(reply) = next {
+                if !reply.is_final {
+                    got.push(reply);
+                    deadline = deadline_after(timeout);
+                    continue;
+                }
+                if let Some((code, message)) = decode_opaque_error(&reply.body) {
+                    return Err(Error::Tts { code, message });
+                }
+                got.push(reply);
+                return Ok(got);
             }
-            if Instant::now() >= deadline {
+            if expired(deadline) {
                 return Err(Error::Timeout {
                     waited: timeout,
                     what: format!("from {service}"),
@@ -230,35 +270,110 @@ impl Client {
         }
     }
 
-    /// RFC 8 `mmi.service`: `Ok(true)` when a live worker can serve `service`
-    /// now (`"200"`), `Ok(false)` otherwise; [`Error::Timeout`] when the broker
-    /// did not answer.
-    pub fn service_ready(&self, service: &str, timeout: Duration) -> Result<bool, Error> {
-        let body = self.call(MMI_SERVICE, &[service.as_bytes()], timeout)?;
-        Ok(body.first().map(|f| f.as_slice() == b"200").unwrap_or(false))
+    /// RFC 8 `mmi.service`: [`ServiceStatus::Ready`] (`"200"`) when a live
+    /// worker can serve `service` now, [`ServiceStatus::NotReady`] (`"404"`)
+    /// when none does (yet), [`ServiceStatus::NotImplemented`] (`"501"`) for
+    /// an `mmi.*` service the broker does not have; [`Error::Timeout`] when
+    /// the broker did not answer.
+    pub fn service_ready(&self, service: &str, timeout: Duration) -> Result<ServiceStatus, Error> {
+        let body = self.call_final(MMI_SERVICE, &[service.as_bytes()], timeout)?;
+        Ok(ServiceStatus::from_body(&body))
     }
 
-    /// Poll [`Client::service_ready`] until it is true or `timeout` passes.
+    /// Poll [`Client::service_ready`] until it is ready (`Ok(true)`) or
+    /// `timeout` passes (`Ok(false)`). A `"501"` answer will not change:
+    /// `Ok(false)` at once.
     pub fn wait_ready(&self, service: &str, timeout: Duration) -> Result<bool, Error> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
             let attempt = left.min(Duration::from_secs(1)).max(Duration::from_millis(50));
             match self.service_ready(service, attempt) {
-                Ok(true) => return Ok(true),
-                Ok(false) | Err(Error::Timeout { .. }) => {}
+                Ok(ServiceStatus::Ready) => return Ok(true),
+                Ok(ServiceStatus::NotImplemented) => return Ok(false),
+                Ok(_) | Err(Error::Timeout { .. }) => {}
                 Err(e) => return Err(e),
             }
-            if Instant::now() >= deadline {
+            if expired(deadline) {
                 return Ok(false);
             }
-            std::thread::sleep(Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now())));
+            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
+            std::thread::sleep(Duration::from_millis(100).min(left));
         }
+    }
+
+    /// Cancel the stream with this request id (one of this client's) and
+    /// wait up to `timeout` for the broker's answer: [`CancelOutcome::Cancelled`]
+    /// (the stream will end with `cancelled`) or [`CancelOutcome::Unknown`]
+    /// (it was not in flight). Events of other streams are queued meanwhile.
+    pub fn cancel(&self, request_id: &[u8], timeout: Duration) -> Result<CancelOutcome, Error> {
+        self.inner
+            .borrow_mut()
+            .cancels
+            .entry(request_id.to_vec())
+            .or_insert_with(|| (0, VecDeque::new()))
+            .0 += 1;
+        let result = self.cancel_inner(request_id, timeout);
+        let mut inner = self.inner.borrow_mut();
+        if let Some(entry) = inner.cancels.get_mut(request_id) {
+            entry.0 -= 1;
+            if entry.0 == 0 {
+                inner.cancels.remove(request_id);
+            }
+        }
+        result
+    }
+
+    fn cancel_inner(&self, request_id: &[u8], timeout: Duration) -> Result<CancelOutcome, Error> {
+        self.drain_monitor()?;
+        self.send(encode_cancel(request_id), 0)?;
+        let deadline = deadline_after(timeout);
+        loop {
+            let outcome = self
+                .inner
+                .borrow_mut()
+                .cancels
+                .get_mut(request_id)
+                .and_then(|entry| entry.1.pop_front());
+            if let Some(outcome) = outcome {
+                return Ok(outcome);
+            }
+            if expired(deadline) {
+                return Err(Error::Timeout {
+                    waited: timeout,
+                    what: format!("from {CANCEL_SERVICE}"),
+                });
+            }
+            self.pump(deadline)?;
+        }
+    }
+
+    /// Speak `text` in `language` through the `tts` service and return the
+    /// whole utterance as `f32` samples (asked as `f32le`, so nothing is
+    /// quantised). See [`Client::synthesize_request`] for the other options.
+    pub fn synthesize(&self, text: &str, language: &str) -> Result<Audio, Error> {
+        self.synthesize_request(&Request::new(text).language(language))
+    }
+
+    /// Speak a request through the `tts` service and return the whole
+    /// utterance as `f32` samples, whichever format it asks (when it sets
+    /// none, `f32le` is asked).
+    pub fn synthesize_request(&self, request: &Request) -> Result<Audio, Error> {
+        self.synthesize_to(TTS_SERVICE, request)
+    }
+
+    /// [`Client::synthesize_request`] on a given TTS service (`tts`, `piper.<voice>`, `xtts`).
+    pub fn synthesize_to(&self, service: &str, request: &Request) -> Result<Audio, Error> {
+        let mut request = request.clone();
+        if request.format.is_none() {
+            request.format = Some(SampleFormat::F32le);
+        }
+        self.speak_to(service, &request)?.read_audio_f32()
     }
 
     /// The broker's `tts.status` JSON.
     pub fn status(&self, timeout: Duration) -> Result<Value, Error> {
-        let body = self.call(STATUS_SERVICE, &[b"{}"], timeout)?;
+        let body = self.call_final(STATUS_SERVICE, &[b"{}"], timeout)?;
         let first = body
             .first()
             .ok_or_else(|| ProtocolError::new("empty tts.status reply"))?;
@@ -277,10 +392,10 @@ impl Client {
         }
     }
 
-    /// Wait until `deadline` for one message (or a disconnect) and dispatch it.
-    fn pump(&self, deadline: Instant) -> Result<(), Error> {
+    /// Wait until `deadline` (`None`: forever) for one message (or a disconnect) and dispatch it.
+    fn pump(&self, deadline: Option<Instant>) -> Result<(), Error> {
         loop {
-            let wait = millis(deadline.saturating_duration_since(Instant::now()));
+            let wait = deadline.map_or(-1, |d| millis(d.saturating_duration_since(Instant::now())));
             let (sock_ready, monitor_ready) = {
                 let mut items = [
                     self.sock.as_poll_item(zmq::POLLIN),
@@ -304,26 +419,42 @@ impl Client {
                 return Ok(());
             }
             if monitor_ready {
-                match self.monitor.recv_multipart(zmq::DONTWAIT) {
-                    Ok(frames) => {
-                        let event = frames
-                            .first()
-                            .and_then(|f| f.get(0..2))
-                            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                            .unwrap_or(0);
-                        if event & zmq::SocketEvent::DISCONNECTED.to_raw() != 0 {
-                            self.connection_lost();
-                        }
-                    }
-                    Err(zmq::Error::EAGAIN) | Err(zmq::Error::EINTR) => {}
-                    Err(e) => return Err(e.into()),
-                }
+                self.read_monitor()?;
                 return Ok(());
             }
-            if Instant::now() >= deadline {
+            if expired(deadline) {
                 return Ok(());
             }
         }
+    }
+
+    /// Handle one queued monitor event, if any; `Ok(false)` when none was queued.
+    fn read_monitor(&self) -> Result<bool, Error> {
+        match self.monitor.recv_multipart(zmq::DONTWAIT) {
+            Ok(frames) => {
+                let event = frames
+                    .first()
+                    .and_then(|f| f.get(0..2))
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .unwrap_or(0);
+                if event & zmq::SocketEvent::DISCONNECTED.to_raw() != 0 {
+                    self.connection_lost();
+                }
+                Ok(true)
+            }
+            Err(zmq::Error::EAGAIN) => Ok(false),
+            Err(zmq::Error::EINTR) => Ok(true),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Handle every disconnect notice already queued, without waiting. A
+    /// notice queued while nobody read the socket (the broker restarted while
+    /// the client was idle) concerns the streams in flight now, never one sent
+    /// after it: call this before sending a new request.
+    fn drain_monitor(&self) -> Result<(), Error> {
+        while self.read_monitor()? {}
+        Ok(())
     }
 
     fn connection_lost(&self) {
@@ -349,6 +480,12 @@ impl Client {
             Err(_) => return,
         };
         if reply.service == CANCEL_SERVICE {
+            // Kept only for a cancel that waits for it (Client::cancel).
+            if let Ok((rid, outcome)) = decode_cancel_reply(&reply.body) {
+                if let Some(entry) = self.inner.borrow_mut().cancels.get_mut(&rid) {
+                    entry.1.push_back(outcome);
+                }
+            }
             return;
         }
         let mut cancel = None;
@@ -449,7 +586,7 @@ impl<'a> Stream<'a> {
             return Ok(None);
         }
         let timeout = self.client.timeout();
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             match self.client.poll_slot(&self.rid) {
                 SlotPoll::Item(Ok(event), received_at) => {
@@ -466,7 +603,7 @@ impl<'a> Stream<'a> {
                 }
                 SlotPoll::Empty => {}
             }
-            if Instant::now() >= deadline {
+            if expired(deadline) {
                 self.client.abandon(&self.rid);
                 self.done = true;
                 return Err(Error::Timeout {
@@ -505,6 +642,17 @@ impl<'a> Stream<'a> {
         self.client.send(encode_cancel(&self.rid), 0)
     }
 
+    /// Cancel the stream and wait up to `timeout` for the broker's answer
+    /// (see [`Client::cancel`]). The stream itself then ends with
+    /// `cancelled` when the answer is [`CancelOutcome::Cancelled`]. A stream
+    /// already finished here is [`CancelOutcome::Unknown`] without asking.
+    pub fn cancel_wait(&self, timeout: Duration) -> Result<CancelOutcome, Error> {
+        if self.done {
+            return Ok(CancelOutcome::Unknown);
+        }
+        self.client.cancel(&self.rid, timeout)
+    }
+
     /// True once the stream has ended (end, error, timeout).
     pub fn is_done(&self) -> bool {
         self.done
@@ -536,6 +684,34 @@ impl<'a> Stream<'a> {
             }
         }
         Ok(pcm)
+    }
+
+    /// The next audio chunk as `f32` samples (whichever wire format), for
+    /// real-time playback; other events are skipped (but recorded: see
+    /// [`Stream::audio_spec`], [`Stream::stats`]). `Ok(None)` at the end.
+    pub fn next_chunk_f32(&mut self) -> Result<Option<Vec<f32>>, Error> {
+        while let Some(event) = self.next_event()? {
+            if let Some(samples) = event.samples_f32() {
+                return Ok(Some(samples));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Read the rest of the stream as one [`Audio`] of `f32` samples.
+    pub fn read_audio_f32(&mut self) -> Result<Audio, Error> {
+        let mut samples = Vec::new();
+        while let Some(event) = self.next_event()? {
+            event.extend_f32(&mut samples);
+        }
+        let spec = self
+            .spec
+            .ok_or_else(|| ProtocolError::new("stream ended without a start event"))?;
+        Ok(Audio {
+            samples,
+            sample_rate: spec.sample_rate,
+            channels: spec.channels,
+        })
     }
 }
 

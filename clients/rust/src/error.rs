@@ -7,6 +7,7 @@ use std::time::Duration;
 ///
 /// Codes this version does not know are kept verbatim in [`ErrorCode::Other`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ErrorCode {
     /// Invalid JSON, blank text, unknown key, bad format / rate / language, unknown voice…
     BadRequest,
@@ -69,12 +70,14 @@ pub struct ProtocolError {
 }
 
 impl ProtocolError {
+    /// A protocol error with this description.
     pub fn new(message: impl Into<String>) -> ProtocolError {
         ProtocolError {
             message: message.into(),
         }
     }
 
+    /// The description.
     pub fn message(&self) -> &str {
         &self.message
     }
@@ -93,14 +96,32 @@ impl std::error::Error for ProtocolError {}
 #[non_exhaustive]
 pub enum Error {
     /// The stream ended with a FINAL `error` event from the broker.
-    Tts { code: ErrorCode, message: String },
+    Tts {
+        /// The error code.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
     /// Nothing arrived for a stream (or a call) within the client's timeout.
-    Timeout { waited: Duration, what: String },
+    Timeout {
+        /// How long the client waited.
+        waited: Duration,
+        /// What it waited for (`"for stream …"`, `"from tts.status"`).
+        what: String,
+    },
     /// The connection to the broker dropped while the stream was in flight;
     /// the broker has forgotten it (it may have restarted). Retry if you like.
-    ConnectionLost { endpoint: String },
+    ConnectionLost {
+        /// The broker endpoint the client is connected to.
+        endpoint: String,
+    },
     /// An `audio` chunk arrived out of order: the stream is broken (and was cancelled).
-    SequenceGap { expected: u32, got: u32 },
+    SequenceGap {
+        /// The sequence number the client expected.
+        expected: u32,
+        /// The one that arrived.
+        got: u32,
+    },
     /// A malformed reply for this stream (the stream was cancelled).
     Protocol(ProtocolError),
     /// The client refused to send something (for example an invalid service name).

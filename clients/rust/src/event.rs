@@ -8,7 +8,9 @@ use serde_json::{Map, Value};
 /// PCM sample format: little-endian signed 16-bit or 32-bit IEEE float.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SampleFormat {
+    /// Signed 16-bit integers, little-endian (`"s16le"`, the broker's default).
     S16le,
+    /// 32-bit IEEE floats, little-endian (`"f32le"`).
     F32le,
 }
 
@@ -29,6 +31,7 @@ impl SampleFormat {
         }
     }
 
+    /// Parse a wire name (`"s16le"`, `"f32le"`); `None` for anything else.
     pub fn parse(s: &str) -> Option<SampleFormat> {
         match s {
             "s16le" => Some(SampleFormat::S16le),
@@ -57,7 +60,9 @@ impl FromStr for SampleFormat {
 pub struct AudioSpec {
     /// Hertz.
     pub sample_rate: u32,
+    /// Interleaved channels (the broker sends mono: 1).
     pub channels: u16,
+    /// Sample format of the PCM bytes.
     pub format: SampleFormat,
 }
 
@@ -75,6 +80,7 @@ pub struct WorkerInfo {
     pub id: Option<String>,
     /// Operating-system process id of the synthesising process.
     pub pid: Option<u64>,
+    /// Host name of the machine synthesising.
     pub host: Option<String>,
     /// The service the worker registered (`piper.en_US-joe-medium`, `xtts`…).
     pub service: Option<String>,
@@ -106,17 +112,21 @@ pub struct Stats {
     pub samples: Option<u64>,
     /// Seconds of audio delivered.
     pub audio_s: Option<f64>,
+    /// Audio chunks delivered.
     pub chunks: Option<u64>,
     /// Broker-measured time from request arrival to first audio, milliseconds.
     pub ttfa_ms: Option<f64>,
+    /// Broker-measured time from request arrival to the `end`, milliseconds.
     pub total_ms: Option<f64>,
     /// Every engine that spoke, in order.
     pub engines: Vec<String>,
     /// Sentences delivered.
     pub segments: Option<u64>,
+    /// Failovers during the stream.
     pub failovers: Option<u64>,
     /// Synthesis time / audio time, from the last worker.
     pub rtf: Option<f64>,
+    /// The whole JSON object, including keys not listed above.
     pub raw: Map<String, Value>,
 }
 
@@ -151,32 +161,63 @@ impl Stats {
 ///
 /// Character offsets (`Mark::end`, `Failover::resume_at`) count Unicode
 /// scalar values (`text.chars()`), not bytes.
+///
+/// More events may be added (the enum is `#[non_exhaustive]`): keep a `_` arm.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Event {
     /// How to play what follows. `extra` holds keys not listed here.
     Start {
+        /// Output rate in Hz.
         sample_rate: u32,
+        /// Interleaved channels (1).
         channels: u16,
+        /// Sample format of every `Audio` chunk that follows.
         format: SampleFormat,
+        /// The engine speaking (`piper`, `xtts`…).
         engine: String,
+        /// The voice or speaker.
         voice: String,
+        /// The worker speaking.
         worker: WorkerInfo,
+        /// Keys of the `start` JSON not listed above.
         extra: Map<String, Value>,
     },
-    /// A chunk of little-endian PCM in the format `Start` announced.
-    Audio { seq: u32, pcm: Vec<u8> },
+    /// A chunk of little-endian PCM in the format `Start` announced; use
+    /// [`Event::samples_f32`] for float samples whichever format that is.
+    Audio {
+        /// Sequence number: 0, 1, 2… without gaps (checked by the client).
+        seq: u32,
+        /// Little-endian PCM bytes, whole samples.
+        pcm: Vec<u8>,
+        /// The format of `pcm`, as `Start` announced it.
+        format: SampleFormat,
+    },
     /// Sentence `segment` has been sent in full; the next starts at character `end`.
-    Mark { segment: u64, end: u64 },
+    Mark {
+        /// Sentence index, from 0.
+        segment: u64,
+        /// Character offset in the request's text where the next sentence starts.
+        end: u64,
+    },
     /// Another worker took over; it speaks the text from character `resume_at`.
     Failover {
+        /// The engine taking over.
         engine: String,
+        /// Its voice or speaker.
         voice: String,
+        /// The worker taking over.
         worker: WorkerInfo,
+        /// Why the previous worker failed the stream.
         reason: String,
+        /// Character offset in the request's text it speaks from.
         resume_at: u64,
     },
     /// The stream finished successfully.
-    End { stats: Stats },
+    End {
+        /// The broker's statistics.
+        stats: Stats,
+    },
 }
 
 impl Event {
@@ -188,6 +229,24 @@ impl Event {
             Event::Mark { .. } => "mark",
             Event::Failover { .. } => "failover",
             Event::End { .. } => "end",
+        }
+    }
+
+    /// The samples of an `Audio` event as `f32` in [-1, 1) (16-bit samples are
+    /// divided by 32768), whichever wire format was asked; `None` for other events.
+    pub fn samples_f32(&self) -> Option<Vec<f32>> {
+        match self {
+            Event::Audio { pcm, format, .. } => Some(crate::audio::pcm_to_f32(pcm, *format)),
+            _ => None,
+        }
+    }
+
+    /// Append the samples of an `Audio` event to `out` as `f32` (see
+    /// [`Event::samples_f32`]); returns how many were appended (0 for other events).
+    pub fn extend_f32(&self, out: &mut Vec<f32>) -> usize {
+        match self {
+            Event::Audio { pcm, format, .. } => crate::audio::extend_f32(out, pcm, *format),
+            _ => 0,
         }
     }
 

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Rust client for the tts-broker text-to-speech broker.
 //!
 //! The broker speaks ZeroMQ [MDP/0.2 (RFC 18)](https://rfc.zeromq.org/spec/18/)
@@ -11,8 +12,14 @@
 //!   events are skipped; audio sequence numbers are checked (a gap is an
 //!   [`Error::SequenceGap`]); a FINAL `error` becomes [`Error::Tts`] with its
 //!   [`ErrorCode`];
-//! * cancel ([`Stream::cancel`], or drop the stream), a per-stream timeout,
-//!   and the `mmi.service` readiness check ([`Client::wait_ready`]).
+//! * cancel ([`Stream::cancel`], or drop the stream; [`Client::cancel`]
+//!   returns the broker's answer), a per-stream timeout, and the
+//!   `mmi.service` readiness check ([`Client::wait_ready`], [`ServiceStatus`]);
+//! * audio as `f32` whatever the wire format ([`Event::samples_f32`],
+//!   [`Stream::next_chunk_f32`]) and whole utterances ([`Client::synthesize`]
+//!   returning an [`Audio`]);
+//! * plain calls to other services returning every reply
+//!   ([`Client::call`]).
 //!
 //! ```no_run
 //! use tts_broker_client::{Client, Event, Request};
@@ -35,6 +42,7 @@
 //! The pure framing layer ([`protocol`]) and the WAV writer ([`wav`]) need no
 //! socket and can be reused on their own.
 
+mod audio;
 mod client;
 mod error;
 mod event;
@@ -42,10 +50,12 @@ pub mod protocol;
 mod request;
 pub mod wav;
 
+pub use audio::{extend_f32, pcm_to_f32, Audio};
 pub use client::{Client, Stream, DEFAULT_ENDPOINT, DEFAULT_TIMEOUT};
 pub use error::{Error, ErrorCode, ProtocolError};
 pub use event::{AudioSpec, Event, SampleFormat, Stats, WorkerInfo};
-pub use request::Request;
+pub use protocol::{CancelOutcome, Reply, ServiceStatus};
+pub use request::{Request, StreamMode};
 
 /// The `zmq` crate this client is built on, for [`Client::connect_with_context`].
 pub use zmq;

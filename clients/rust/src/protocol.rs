@@ -70,6 +70,7 @@ pub fn encode_cancel(request_id: &[u8]) -> Frames {
 /// A decoded broker → client command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
+    /// The service name the request used (frame 2).
     pub service: String,
     /// FINAL (true) or PARTIAL (false).
     pub is_final: bool,
@@ -113,7 +114,9 @@ pub fn decode_reply(mut frames: Frames) -> Result<Reply, ProtocolError> {
 /// A reply body split into request id, event name and the frames after them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventFrames {
+    /// Frame 3: the request id.
     pub request_id: Vec<u8>,
+    /// Frame 4: the event name (`start`, `audio`…).
     pub name: Vec<u8>,
     /// Frames 5 and later.
     pub args: Frames,
@@ -132,16 +135,22 @@ pub fn split_event(mut body: Frames) -> Result<EventFrames, ProtocolError> {
 
 /// What a reply carries for a stream, before ordering checks.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum WireEvent {
+    /// A known event.
     Event(Event),
     /// The FINAL `error` event.
     Error {
+        /// The error code.
         code: ErrorCode,
+        /// Human-readable detail.
         message: String,
     },
     /// An event this version does not know (ignored when PARTIAL).
     Unknown {
+        /// Its name, lossily decoded.
         name: String,
+        /// Frames 5 and later.
         args: Frames,
     },
 }
@@ -217,9 +226,11 @@ pub fn parse_event(name: &[u8], args: Frames) -> Result<WireEvent, ProtocolError
             let seq: [u8; 4] = seq_frame.as_slice().try_into().map_err(|_| {
                 ProtocolError::new(format!("audio sequence frame must be 4 bytes, got {}", seq_frame.len()))
             })?;
+            // The format is the stream's: [`StreamTracker`] sets it from `start`.
             Event::Audio {
                 seq: u32::from_be_bytes(seq),
                 pcm,
+                format: SampleFormat::S16le,
             }
         }
         b"mark" => {
@@ -260,6 +271,87 @@ pub fn parse_event(name: &[u8], args: Frames) -> Result<WireEvent, ProtocolError
     Ok(WireEvent::Event(event))
 }
 
+/// What the broker answered to a `tts.cancel` (PROTOCOL.md, "Cancel").
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CancelOutcome {
+    /// The stream was in flight and is now cancelled (it ends with `cancelled`).
+    Cancelled,
+    /// No stream with that id was in flight (it had already ended, or never existed).
+    Unknown,
+}
+
+/// Decode the body of a `tts.cancel` FINAL: `[request id, "cancelled" | "unknown"]`.
+pub fn decode_cancel_reply(body: &[Vec<u8>]) -> Result<(Vec<u8>, CancelOutcome), ProtocolError> {
+    match body {
+        [rid, outcome] => {
+            let outcome = match outcome.as_slice() {
+                b"cancelled" => CancelOutcome::Cancelled,
+                b"unknown" => CancelOutcome::Unknown,
+                other => {
+                    return Err(ProtocolError::new(format!(
+                        "tts.cancel reply: unknown outcome {:?}",
+                        String::from_utf8_lossy(other)
+                    )))
+                }
+            };
+            Ok((rid.clone(), outcome))
+        }
+        _ => Err(ProtocolError::new(format!(
+            "tts.cancel reply has {} body frames; 2 expected",
+            body.len()
+        ))),
+    }
+}
+
+/// An RFC 8 `mmi.service` answer (PROTOCOL.md, "`mmi.service`").
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServiceStatus {
+    /// `"200"`: at least one live worker serves it (for `tts`: a request could be routed now).
+    Ready,
+    /// `"404"`: no live worker serves it now (it may come).
+    NotReady,
+    /// `"501"`: an `mmi.*` service the broker does not implement.
+    NotImplemented,
+    /// Any other answer, verbatim.
+    Other(String),
+}
+
+impl ServiceStatus {
+    /// Decode the FINAL body of an `mmi.service` reply.
+    pub fn from_body(body: &[Vec<u8>]) -> ServiceStatus {
+        match body.first().map(Vec::as_slice) {
+            Some(b"200") => ServiceStatus::Ready,
+            Some(b"404") => ServiceStatus::NotReady,
+            Some(b"501") => ServiceStatus::NotImplemented,
+            Some(other) => ServiceStatus::Other(String::from_utf8_lossy(other).into_owned()),
+            None => ServiceStatus::Other(String::new()),
+        }
+    }
+
+    /// True for [`ServiceStatus::Ready`].
+    pub fn is_ready(&self) -> bool {
+        matches!(self, ServiceStatus::Ready)
+    }
+}
+
+/// The broker's own FINAL for an opaque request it had to end
+/// (PROTOCOL.md, "Opaque services"): two frames, `"error"` and a JSON
+/// `{"code", "message"}`. `None` for any other body.
+pub fn decode_opaque_error(body: &[Vec<u8>]) -> Option<(ErrorCode, String)> {
+    match body {
+        [name, json] if name.as_slice() == b"error" => match serde_json::from_slice::<Value>(json) {
+            Ok(Value::Object(m)) => {
+                let code = m.get("code").and_then(Value::as_str)?;
+                Some((ErrorCode::parse(code), str_field(&m, "message").unwrap_or_default()))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// Checks one stream's events in arrival order and turns them into what the
 /// stream yields: exactly one `start` before audio, audio numbered from 0
 /// without gaps and in whole samples, `end`/`error` last.
@@ -274,6 +366,7 @@ pub struct StreamTracker {
 }
 
 impl StreamTracker {
+    /// A tracker for a stream that has received nothing yet.
     pub fn new() -> StreamTracker {
         StreamTracker::default()
     }
@@ -337,7 +430,7 @@ impl StreamTracker {
                 }
                 self.spec = event.audio_spec();
             }
-            Event::Audio { seq, pcm } => {
+            Event::Audio { seq, pcm, .. } => {
                 let spec = match self.spec {
                     Some(spec) => spec,
                     None => return protocol("audio before start".into()),
@@ -363,6 +456,10 @@ impl StreamTracker {
             Event::End { .. } if !is_final => return protocol("end event arrived as PARTIAL".into()),
             _ => {}
         }
+        let mut event = event;
+        if let (Event::Audio { format, .. }, Some(spec)) = (&mut event, self.spec) {
+            *format = spec.format;
+        }
         Some(Ok(event))
     }
 }
@@ -370,6 +467,63 @@ impl StreamTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decodes_cancel_replies() {
+        assert_eq!(
+            decode_cancel_reply(&f(&[b"r1", b"cancelled"])).unwrap(),
+            (b"r1".to_vec(), CancelOutcome::Cancelled)
+        );
+        assert_eq!(
+            decode_cancel_reply(&f(&[b"r2", b"unknown"])).unwrap(),
+            (b"r2".to_vec(), CancelOutcome::Unknown)
+        );
+        assert!(decode_cancel_reply(&f(&[b"r2", b"maybe"])).is_err());
+        assert!(decode_cancel_reply(&f(&[b"r2"])).is_err());
+    }
+
+    #[test]
+    fn mmi_answers_tell_404_from_501() {
+        assert_eq!(ServiceStatus::from_body(&f(&[b"200"])), ServiceStatus::Ready);
+        assert_eq!(ServiceStatus::from_body(&f(&[b"404"])), ServiceStatus::NotReady);
+        assert_eq!(ServiceStatus::from_body(&f(&[b"501"])), ServiceStatus::NotImplemented);
+        assert_eq!(
+            ServiceStatus::from_body(&f(&[b"418"])),
+            ServiceStatus::Other("418".into())
+        );
+        assert_eq!(ServiceStatus::from_body(&[]), ServiceStatus::Other(String::new()));
+        assert!(ServiceStatus::Ready.is_ready() && !ServiceStatus::NotImplemented.is_ready());
+    }
+
+    #[test]
+    fn decodes_the_brokers_opaque_error_final() {
+        assert_eq!(
+            decode_opaque_error(&f(&[b"error", br#"{"code":"timeout","message":"waited 10 s"}"#])),
+            Some((ErrorCode::Timeout, "waited 10 s".to_string()))
+        );
+        assert_eq!(decode_opaque_error(&f(&[b"error", b"not json"])), None);
+        assert_eq!(decode_opaque_error(&f(&[b"error", br#"{"message":"x"}"#])), None);
+        assert_eq!(decode_opaque_error(&f(&[b"result", b"{}"])), None);
+        assert_eq!(decode_opaque_error(&f(&[b"error"])), None);
+    }
+
+    #[test]
+    fn audio_events_carry_the_announced_format() {
+        let mut t = StreamTracker::new();
+        let f32_start: &[u8] = br#"{"sample_rate":24000,"channels":1,"format":"f32le"}"#;
+        t.accept(false, parse(b"start", &[f32_start]));
+        match t.accept(false, audio(0, &0.5f32.to_le_bytes())) {
+            Some(Ok(
+                ev @ Event::Audio {
+                    format: SampleFormat::F32le,
+                    ..
+                },
+            )) => {
+                assert_eq!(ev.samples_f32(), Some(vec![0.5]))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     fn f(parts: &[&[u8]]) -> Frames {
         parts.iter().map(|p| p.to_vec()).collect()
@@ -498,14 +652,16 @@ mod tests {
             event(b"audio", &[&[0, 0, 1, 2], &[1, 0, 2, 0]]),
             Event::Audio {
                 seq: 258,
-                pcm: vec![1, 0, 2, 0]
+                pcm: vec![1, 0, 2, 0],
+                format: SampleFormat::S16le
             }
         );
         assert_eq!(
             event(b"audio", &[&[0xff, 0xff, 0xff, 0xff], b""]),
             Event::Audio {
                 seq: u32::MAX,
-                pcm: vec![]
+                pcm: vec![],
+                format: SampleFormat::S16le
             }
         );
     }
@@ -646,7 +802,11 @@ mod tests {
     }
 
     fn audio(seq: u32, pcm: &[u8]) -> Result<WireEvent, ProtocolError> {
-        Ok(WireEvent::Event(Event::Audio { seq, pcm: pcm.to_vec() }))
+        Ok(WireEvent::Event(Event::Audio {
+            seq,
+            pcm: pcm.to_vec(),
+            format: SampleFormat::S16le,
+        }))
     }
 
     fn end() -> Result<WireEvent, ProtocolError> {

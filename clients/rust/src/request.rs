@@ -4,6 +4,36 @@ use serde_json::{Map, Value};
 
 use crate::event::SampleFormat;
 
+/// How a Piper worker decodes (the `stream` request key); other engines ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StreamMode {
+    /// Decode by frames: first audio in constant time (workers started with
+    /// `stream_mode` `auto` or `frames`).
+    Frames,
+    /// One sentence at a time.
+    Sentence,
+}
+
+impl StreamMode {
+    /// The wire value: `"frames"` or `"sentence"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamMode::Frames => "frames",
+            StreamMode::Sentence => "sentence",
+        }
+    }
+
+    /// Parse a wire value; `None` for anything else.
+    pub fn parse(s: &str) -> Option<StreamMode> {
+        match s {
+            "frames" => Some(StreamMode::Frames),
+            "sentence" => Some(StreamMode::Sentence),
+            _ => None,
+        }
+    }
+}
+
 /// What to speak and how. Only `text` is required; unset options are left out
 /// of the JSON so the broker applies its defaults.
 ///
@@ -30,9 +60,12 @@ pub struct Request {
     pub chunk_ms: Option<u32>,
     /// Speaking-rate multiplier, > 0.25 and ≤ 4; broker default 1.0.
     pub speed: Option<f64>,
+    /// Piper decoding mode; default the worker's.
+    pub stream: Option<StreamMode>,
 }
 
 impl Request {
+    /// A request to speak `text` with the broker's defaults.
     pub fn new(text: impl Into<String>) -> Request {
         Request {
             text: text.into(),
@@ -40,38 +73,51 @@ impl Request {
         }
     }
 
+    /// Set the language tag (`en`, `en-US`, `pt-BR`…).
     pub fn language(mut self, language: impl Into<String>) -> Request {
         self.language = Some(language.into());
         self
     }
 
+    /// Set the voice: a Piper voice name or an XTTS speaker.
     pub fn voice(mut self, voice: impl Into<String>) -> Request {
         self.voice = Some(voice.into());
         self
     }
 
+    /// Restrict to one engine (`"piper"`, `"xtts"`).
     pub fn engine(mut self, engine: impl Into<String>) -> Request {
         self.engine = Some(engine.into());
         self
     }
 
+    /// Set the PCM sample format.
     pub fn format(mut self, format: SampleFormat) -> Request {
         self.format = Some(format);
         self
     }
 
+    /// Set the output rate in Hz (8000–48000); the broker resamples.
     pub fn sample_rate(mut self, hz: u32) -> Request {
         self.sample_rate = Some(hz);
         self
     }
 
+    /// Set the audio per chunk, in milliseconds (10–1000).
     pub fn chunk_ms(mut self, ms: u32) -> Request {
         self.chunk_ms = Some(ms);
         self
     }
 
+    /// Set the speaking-rate multiplier (> 0.25, ≤ 4).
     pub fn speed(mut self, speed: f64) -> Request {
         self.speed = Some(speed);
+        self
+    }
+
+    /// Set the Piper decoding mode (the `stream` key).
+    pub fn stream(mut self, mode: StreamMode) -> Request {
+        self.stream = Some(mode);
         self
     }
 
@@ -101,6 +147,9 @@ impl Request {
             // A non-finite speed becomes null, which the broker refuses (bad_request).
             m.insert("speed".into(), Value::from(v));
         }
+        if let Some(v) = self.stream {
+            m.insert("stream".into(), Value::from(v.as_str()));
+        }
         Value::Object(m)
     }
 
@@ -113,6 +162,18 @@ impl Request {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_mode_round_trips() {
+        for m in [StreamMode::Frames, StreamMode::Sentence] {
+            assert_eq!(StreamMode::parse(m.as_str()), Some(m));
+        }
+        assert_eq!(StreamMode::parse("chunks"), None);
+        assert_eq!(
+            Request::new("x").stream(StreamMode::Sentence).to_json(),
+            br#"{"stream":"sentence","text":"x"}"#.to_vec()
+        );
+    }
 
     #[test]
     fn minimal_request_has_only_text() {
@@ -131,12 +192,14 @@ mod tests {
             .format(SampleFormat::S16le)
             .sample_rate(22050)
             .chunk_ms(20)
-            .speed(1.5);
+            .speed(1.5)
+            .stream(StreamMode::Frames);
         let v: Value = serde_json::from_slice(&r.to_json()).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"text": "héllo", "language": "pt-BR", "voice": "v", "engine": "piper",
-                               "format": "s16le", "sample_rate": 22050, "chunk_ms": 20, "speed": 1.5})
+                               "format": "s16le", "sample_rate": 22050, "chunk_ms": 20, "speed": 1.5,
+                               "stream": "frames"})
         );
     }
 }

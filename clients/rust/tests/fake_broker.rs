@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use tts_broker_client::{zmq, Client, Error, ErrorCode, Event, Request, SampleFormat};
+use tts_broker_client::{
+    zmq, Audio, CancelOutcome, Client, Error, ErrorCode, Event, Request, SampleFormat, ServiceStatus, StreamMode,
+};
 
 struct FakeBroker {
     router: zmq::Socket,
@@ -154,7 +156,8 @@ fn two_streams_demultiplexed_in_any_order() {
         events[1],
         Event::Audio {
             seq: 0,
-            pcm: vec![1, 0]
+            pcm: vec![1, 0],
+            format: SampleFormat::S16le
         }
     );
     assert_eq!(events[2], Event::Mark { segment: 0, end: 5 });
@@ -162,7 +165,8 @@ fn two_streams_demultiplexed_in_any_order() {
         events[3],
         Event::Audio {
             seq: 1,
-            pcm: vec![5, 0]
+            pcm: vec![5, 0],
+            format: SampleFormat::S16le
         }
     );
     assert!(matches!(&events[4], Event::End { stats } if stats.samples == Some(2) && stats.engines == ["piper"]));
@@ -380,4 +384,232 @@ fn lost_connection_fails_streams_in_flight() {
     }
     assert!(t0.elapsed() < Duration::from_secs(10));
     assert!(s.next().is_none());
+}
+
+/// The broker restarts while the client is idle (nothing in flight). The
+/// disconnect notice this leaves queued is stale: the next stream goes to the
+/// new broker and succeeds instead of failing with `ConnectionLost`.
+#[test]
+fn stream_after_an_idle_broker_restart_succeeds() {
+    let ctx = zmq::Context::new();
+    let (broker, endpoint) = FakeBroker::bind(&ctx, "tcp://127.0.0.1:*");
+    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let mut s = client.speak(&Request::new("before")).unwrap();
+    let (id, _, body) = broker.recv_request();
+    broker.start(&id, &body[0]);
+    broker.end(&id, &body[0]);
+    assert_eq!(s.by_ref().filter(|e| e.is_ok()).count(), 2);
+    drop(s);
+    drop(broker); // the broker goes away while the client is idle…
+    std::thread::sleep(Duration::from_millis(300));
+    let (broker, _) = FakeBroker::bind(&ctx, &endpoint); // …and comes back on the same port
+    std::thread::sleep(Duration::from_millis(300));
+    // The new broker answers late, so the client waits on its socket (and its monitor) first.
+    let answer = std::thread::spawn(move || {
+        let (id, _, body) = broker.recv_request();
+        assert_eq!(body[1], br#"{"text":"after"}"#.to_vec());
+        std::thread::sleep(Duration::from_millis(200));
+        broker.start(&id, &body[0]);
+        broker.end(&id, &body[0]);
+        broker
+    });
+    let mut s = client.speak(&Request::new("after")).unwrap();
+    let names: Vec<&str> = s.by_ref().map(|e| e.unwrap().name()).collect();
+    assert_eq!(names, ["start", "end"]);
+    answer.join().unwrap();
+}
+
+#[test]
+fn call_returns_every_reply_with_its_flag() {
+    let (ctx, broker, endpoint) = inproc("call-all");
+    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let handle = std::thread::spawn(move || {
+        let (id, service, body) = broker.recv_request();
+        assert_eq!((service.as_str(), body), ("echo", vec![b"hi".to_vec()]));
+        broker.reply(&id, false, "echo", &[b"one"]);
+        broker.reply(&id, false, "echo", &[b"two", b"2"]);
+        broker.reply(&id, true, "echo", &[b"done"]);
+        // The broker ends the next one itself: its FINAL "error" is decoded.
+        let (id, _, _) = broker.recv_request();
+        broker.reply(&id, false, "echo", &[b"partial"]);
+        broker.reply(
+            &id,
+            true,
+            "echo",
+            &[
+                b"error",
+                br#"{"code":"internal","message":"worker died after a PARTIAL"}"#,
+            ],
+        );
+        broker
+    });
+    let replies = client.call("echo", &[b"hi"], Duration::from_secs(5)).unwrap();
+    let flags: Vec<(bool, Vec<Vec<u8>>)> = replies.into_iter().map(|r| (r.is_final, r.body)).collect();
+    assert_eq!(
+        flags,
+        vec![
+            (false, vec![b"one".to_vec()]),
+            (false, vec![b"two".to_vec(), b"2".to_vec()]),
+            (true, vec![b"done".to_vec()]),
+        ]
+    );
+    match client.call("echo", &[b"again"], Duration::from_secs(5)) {
+        Err(Error::Tts {
+            code: ErrorCode::Internal,
+            message,
+        }) => assert_eq!(message, "worker died after a PARTIAL"),
+        other => panic!("{other:?}"),
+    }
+    handle.join().unwrap();
+}
+
+#[test]
+fn service_ready_tells_404_from_501() {
+    let (ctx, broker, endpoint) = inproc("mmi-501");
+    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let handle = std::thread::spawn(move || {
+        for answer in [&b"200"[..], &b"404"[..], &b"501"[..], &b"501"[..]] {
+            let (id, _, _) = broker.recv_request();
+            broker.reply(&id, true, "mmi.service", &[answer]);
+        }
+        broker
+    });
+    let t = Duration::from_secs(5);
+    assert_eq!(client.service_ready("tts", t).unwrap(), ServiceStatus::Ready);
+    assert_eq!(client.service_ready("piper.x", t).unwrap(), ServiceStatus::NotReady);
+    assert_eq!(
+        client.service_ready("mmi.nope", t).unwrap(),
+        ServiceStatus::NotImplemented
+    );
+    // Waiting for a service the broker does not implement ends at once.
+    let t0 = Instant::now();
+    assert!(!client.wait_ready("mmi.nope", Duration::from_secs(30)).unwrap());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    handle.join().unwrap();
+}
+
+#[test]
+fn cancel_returns_the_brokers_answer() {
+    let (ctx, broker, endpoint) = inproc("cancel-answer");
+    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let mut s = client.speak(&Request::new("x")).unwrap();
+    let (id, _, body) = broker.recv_request();
+    let rid = body[0].clone();
+    let handle = std::thread::spawn(move || {
+        broker.expect_cancel(&rid);
+        // An answer for another id first: not ours.
+        broker.reply(&id, true, "tts.cancel", &[b"other", b"unknown"]);
+        broker.reply(&id, true, "tts.cancel", &[&rid, b"cancelled"]);
+        broker.reply(
+            &id,
+            true,
+            "tts",
+            &[
+                &rid,
+                b"error",
+                br#"{"code":"cancelled","message":"cancelled by the client"}"#,
+            ],
+        );
+        broker.expect_cancel(b"gone");
+        broker.reply(&id, true, "tts.cancel", &[b"gone", b"unknown"]);
+        broker
+    });
+    assert_eq!(s.cancel_wait(Duration::from_secs(5)).unwrap(), CancelOutcome::Cancelled);
+    match s.next() {
+        Some(Err(e)) => assert!(e.is_cancelled(), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.cancel_wait(Duration::from_secs(5)).unwrap(), CancelOutcome::Unknown);
+    assert_eq!(
+        client.cancel(b"gone", Duration::from_secs(5)).unwrap(),
+        CancelOutcome::Unknown
+    );
+    handle.join().unwrap();
+}
+
+#[test]
+fn duration_max_timeouts_do_not_panic() {
+    let (ctx, broker, endpoint) = inproc("duration-max");
+    let client = Client::connect_with_context(&ctx, &endpoint)
+        .unwrap()
+        .with_timeout(Duration::MAX)
+        .unwrap();
+    assert_eq!(client.timeout(), Duration::MAX);
+    let mut s = client.speak(&Request::new("x")).unwrap();
+    let (id, _, body) = broker.recv_request();
+    broker.start(&id, &body[0]);
+    broker.end(&id, &body[0]);
+    assert_eq!(s.by_ref().count(), 2);
+    let handle = std::thread::spawn(move || {
+        let (id, _, _) = broker.recv_request();
+        broker.reply(&id, true, "mmi.service", &[b"200"]);
+        let (id, _, _) = broker.recv_request();
+        broker.reply(&id, true, "mmi.service", &[b"200"]);
+        broker
+    });
+    assert!(client.service_ready("tts", Duration::MAX).unwrap().is_ready());
+    assert!(client.wait_ready("tts", Duration::MAX).unwrap());
+    handle.join().unwrap();
+}
+
+#[test]
+fn synthesize_returns_f32_audio_whatever_the_format() {
+    let (ctx, broker, endpoint) = inproc("synthesize");
+    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let handle = std::thread::spawn(move || {
+        // synthesize(): asks f32le, gets floats.
+        let (id, service, body) = broker.recv_request();
+        assert_eq!(service, "tts");
+        assert_eq!(
+            body[1],
+            r#"{"format":"f32le","language":"pt-BR","text":"Olá."}"#.as_bytes().to_vec()
+        );
+        let start = br#"{"sample_rate":24000,"channels":1,"format":"f32le","engine":"xtts","voice":"v"}"#;
+        broker.reply(&id, false, "tts", &[&body[0], b"start", start]);
+        let pcm: Vec<u8> = [0.5f32, -0.25].iter().flat_map(|v| v.to_le_bytes()).collect();
+        broker.audio(&id, &body[0], 0, &pcm);
+        broker.audio(&id, &body[0], 1, &1.0f32.to_le_bytes());
+        broker.end(&id, &body[0]);
+        // A request that asks s16le: converted.
+        let (id, _, body) = broker.recv_request();
+        assert_eq!(
+            body[1],
+            br#"{"format":"s16le","stream":"frames","text":"Hi."}"#.to_vec()
+        );
+        broker.start(&id, &body[0]);
+        broker.audio(&id, &body[0], 0, &[0x00, 0x40, 0x00, 0xc0]);
+        broker.end(&id, &body[0]);
+        // Streaming f32 chunks.
+        let (id, _, body) = broker.recv_request();
+        broker.start(&id, &body[0]);
+        broker.audio(&id, &body[0], 0, &[0x00, 0x40]);
+        broker.reply(&id, false, "tts", &[&body[0], b"mark", br#"{"segment":0,"end":3}"#]);
+        broker.audio(&id, &body[0], 1, &[0x00, 0xc0]);
+        broker.end(&id, &body[0]);
+        broker
+    });
+    let audio = client.synthesize("Olá.", "pt-BR").unwrap();
+    assert_eq!(
+        audio,
+        Audio {
+            samples: vec![0.5, -0.25, 1.0],
+            sample_rate: 24000,
+            channels: 1
+        }
+    );
+    let audio = client
+        .synthesize_request(
+            &Request::new("Hi.")
+                .format(SampleFormat::S16le)
+                .stream(StreamMode::Frames),
+        )
+        .unwrap();
+    assert_eq!(audio.samples, vec![0.5, -0.5]);
+    assert_eq!((audio.sample_rate, audio.channels), (22050, 1));
+    let mut s = client.speak(&Request::new("Chunks.")).unwrap();
+    assert_eq!(s.next_chunk_f32().unwrap(), Some(vec![0.5]));
+    assert_eq!(s.next_chunk_f32().unwrap(), Some(vec![-0.5]));
+    assert_eq!(s.next_chunk_f32().unwrap(), None);
+    assert!(s.stats().is_some());
+    handle.join().unwrap();
 }

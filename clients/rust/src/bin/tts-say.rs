@@ -172,7 +172,7 @@ fn run(opts: &Options) -> Result<(), Error> {
             } => {
                 eprintln!("failover to {e} {v} at character {resume_at}: {reason}");
             }
-            Event::Mark { .. } | Event::End { .. } => {}
+            _ => {}
         }
     }
     let spec = match (wav, stream.audio_spec()) {
