@@ -689,9 +689,12 @@ class BrokerCore:
         target = None if service == tts.SERVICE else service
         key = self._new_key()
         job = Job(key, identity, service_raw, [], now + self.s.request_timeout_s, now, rid, request, Stream(rid, len(request.text), now), target)
+        # Known by its id before dispatch: a dispatch that ends it at once (_assign) must find it.
+        self.by_client[(identity, rid)] = job
         if self._enqueue(job, out):
-            self.by_client[(identity, rid)] = job
             log.debug("job %s: request %r from client %s", key.hex(), rid[:32], identity.hex())
+        else:
+            del self.by_client[(identity, rid)]
 
     def _opaque_request(self, identity: bytes, service_raw: bytes, service: str, body: list[bytes], now: float, out: list[Action]) -> None:
         # The worker sees an address that starts with the client's own and echoes it.

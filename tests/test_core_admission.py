@@ -455,6 +455,9 @@ def test_request_needing_a_key_the_worker_lacks_is_refused_by_name() -> None:
     [(_, _, ev)] = events(out, C1)
     assert "speed" in ev.message  # type: ignore[union-attr]
     assert rig.core.workers[W1] in rig.core.services[SVC_EN].idle
+    # The id is free again: the same id without the key is served.
+    assert (C1, b"a") not in rig.core.by_client
+    assert requests_to(rig.request(C1, b"a"), W1)
 
 
 def test_worker_that_announces_no_keys_gets_the_base_set() -> None:
