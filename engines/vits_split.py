@@ -151,7 +151,7 @@ def session_options() -> onnxruntime.SessionOptions:
     inputs change length with every sentence (and its intermediate lengths with the predicted
     durations), so a worker's arena kept fragmenting and its RSS kept creeping up (issue 11:
     +0.5-0.9 MB/min over a 10-minute soak). Without them the arena grows to the largest shape
-    it has served and stays there (``python -m bench.soak``; README, "Worker memory"), and
+    it has served and stays there (``python -m bench.soak``; README, "Memory over time"), and
     runs take the same time (measured interleaved in one process, 2 cores).
     """
     opts = onnxruntime.SessionOptions()
