@@ -47,8 +47,8 @@ HOP = 256
 """Output samples per latent frame (Piper voices upsample 8·8·4)."""
 
 
-_GAIN_VERSION = 2
-"""Part of the gain's cache key: bumped whenever its calibration changes (2: loudness-matched)."""
+_GAIN_VERSION = 3
+"""Part of the gain's cache key: bumped whenever its calibration changes (2: loudness-matched; 3: sixteen sentences)."""
 
 
 def _publish(path: Path, write: Callable[[Path], None]) -> None:
