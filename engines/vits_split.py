@@ -39,8 +39,14 @@ log = logging.getLogger("engines.vits_split")
 MARGIN = 32
 """Latent frames decoded on each side of a window and discarded: on the bundled voice 32 keeps the
 windows within ~1e-5 of the whole decode (24: ~1e-3; 16: ~4e-2)."""
-SCHEDULE = (8, 24, 64, 128, 256)
-"""Window sizes in latent frames: the first as small as the margins allow, then growing (the last repeats)."""
+SCHEDULE = (8, 32, 128, 512)
+"""Window sizes in latent frames: the first as small as the margins allow, then growing fourfold
+(the last repeats). Only the first window is on the way to first audio; each later one must only
+be decoded before the audio already out runs out (a window costs ~0.05 of its own duration here),
+so they grow as fast as that allows, which spends the margins on few windows: a 47-word sentence
+decodes 1.2× its frames instead of 1.5× with (8, 24, 64, 128, 256)."""
+MERGE = 0.5
+"""A remainder shorter than this fraction of the next window is decoded with the current one."""
 _SPLIT_VERSION = 2
 """Part of the cache key: bumped whenever the split graphs change (2: frontend rewritten)."""
 HOP = 256
@@ -232,8 +238,16 @@ class FrameStreamer:
             # A short sentence: windows would decode more than the whole of it.
             yield self.decode(latents, 0, total)
             return
+        for start, end in self.windows(total):
+            yield self.decode(latents, start, end)
+
+    def windows(self, total: int) -> Iterator[tuple[int, int]]:
+        """``[start, end)`` of each window over ``total`` latent frames, by the schedule."""
         start = step = 0
         while start < total:
-            end = min(total, start + self.schedule[min(step, len(self.schedule) - 1)])
-            yield self.decode(latents, start, end)
+            size = self.schedule[min(step, len(self.schedule) - 1)]
+            end = min(total, start + size)
+            if total - end < MERGE * self.schedule[min(step + 1, len(self.schedule) - 1)]:
+                end = total
+            yield start, end
             start, step = end, step + 1

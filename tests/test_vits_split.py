@@ -51,8 +51,19 @@ def test_streamed_windows_equal_the_whole_decode_of_the_same_frontend_output(voi
     whole = streamer.decoder.run(None, latents)[0].reshape(-1)
     pieces = list(streamer.stream(latents))
     streamed = np.concatenate(pieces)
-    assert len(pieces) > 4 and len(pieces[0]) == SCHEDULE[0] * HOP
+    assert len(pieces) >= 3 and len(pieces[0]) == SCHEDULE[0] * HOP
     assert len(streamed) == len(whole) and np.abs(streamed - whole).max() < 1e-4
+
+
+def test_windows_spend_little_decoding_margins(voice: PiperVoice, streamer: FrameStreamer) -> None:
+    """Past the first window, audio is far ahead of playback: later windows grow fast, so the
+    frames decoded twice (the margins) stay a small part of the sentence's work."""
+    total = streamer.frames(streamer.latents(_feeds(voice, LONG, noise=1.0)))
+    windows = list(streamer.windows(total))
+    assert windows[0] == (0, SCHEDULE[0]) and windows[-1][1] == total
+    assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
+    decoded = sum(min(total, end + streamer.margin) - max(0, start - streamer.margin) for start, end in windows)
+    assert decoded <= 1.25 * total, (windows, decoded / total)
 
 
 def test_split_graph_equals_the_original_voice_without_noise(voice: PiperVoice, streamer: FrameStreamer) -> None:
@@ -84,7 +95,7 @@ def test_engine_frame_mode_speaks_the_sentence_and_sentence_mode_stays_available
     text = "The dragon sleeps beneath the mountain, and the brave knights gather their courage to follow the old road home."
     frames = list(engine.speak(text, SynthesisRequest(text=text)))
     sentence = list(engine.speak(text, SynthesisRequest(text=text, stream="sentence")))
-    assert len(frames) > 4 and len(sentence) == 1
+    assert len(frames) >= 3 and len(sentence) == 1  # streamed window by window, not whole
     audio = np.concatenate(frames)
     # Same phonemes and duration model: lengths agree within the noise of the duration sampling.
     assert abs(len(audio) - len(sentence[0])) / len(sentence[0]) < 0.15
