@@ -30,8 +30,12 @@ demo: $(VENV)/.base
 test: $(VENV)/.full rust-deps
 	$(PY) -m pytest
 
-bench: $(VENV)/.full
+# The peers the benchmark runs side by side (wyoming-piper in its own venv, the same voice).
+.venv-peers/wyoming-piper/.built: $(VENV)/.full
+	$(PY) -m bench.peer_env
+
+bench: $(VENV)/.full .venv-peers/wyoming-piper/.built
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) .venv-peers out

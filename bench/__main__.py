@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import failover, relay, report, throughput, ttfa
+from . import failover, peer, relay, report, throughput, ttfa
 from .common import machine_info
 
 GOALS = {
@@ -25,6 +25,21 @@ GOALS = {
     "long_sentence_ttfa_ratio": ("<=", 0.25),
     "short_sentence_ttfa_ratio": ("<=", 1.0),
     "frames_underruns": ("<=", 0),
+    # Against wyoming-piper on the same voice, same run (bench/peer.py; issue 14's goals).
+    "peer_long_first_ratio": ("<=", 0.20),
+    "peer_passage_first_ratio": ("<=", 0.40),
+    "peer_short_first_p50_ratio": ("<=", 1.0),
+    "peer_short_first_p90_ratio": ("<=", 1.0),
+    "peer_long_last_ratio": ("<=", 1.05),
+    "peer_passage_last_ratio": ("<=", 1.05),
+    "peer_cpu_ratio": ("<=", 1.05),
+    "peer_four_first_p90_ratio": ("<=", 0.5),
+    "peer_four_wall_ratio": ("<=", 1.0),
+    "peer_four_underruns": ("<=", 0),
+    "peer_table_npc_first_vs_solo": ("<=", 1.5),
+    "peer_table_narration_vs_solo": ("<=", 1.1),
+    "peer_table_underruns": ("<=", 0),
+    "peer_rss_ratio": ("<=", 1.15),
 }
 
 
@@ -33,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a few minutes on a 2-core machine")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--skip-xtts", action="store_true", help="skip the XTTS figures (no torch installed)")
+    p.add_argument("--skip-peer", action="store_true", help="skip the side-by-side with wyoming-piper (bench/peer_env.py not built)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     q = a.quick
@@ -54,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     step("failover_kill", lambda: failover.gap(reps=3 if q else 10))
     step("failover_stop", lambda: failover.gap(reps=2 if q else 5, how=signal.SIGSTOP))
     step("slow_clients", lambda: failover.slow_clients(8 if q else 32))
+    if not a.skip_peer:
+        step("peer", lambda: peer.run(reps=5 if q else 15, loads=2 if q else 5))
 
     headline = {
         "relay_overhead_ratio": results["relay"]["relay_overhead_ratio"],
@@ -66,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         "long_sentence_ttfa_ratio": results["piper_modes"]["long_sentence_ttfa_ratio"],
         "short_sentence_ttfa_ratio": results["piper_modes"]["short_sentence_ttfa_ratio"],
         "frames_underruns": results["piper_modes"]["frames_underruns"],
+        **results.get("peer", {}).get("peer", {}),
     }
     headline["goals_met"] = {
-        k: (headline[k] <= v if op == "<=" else headline[k] >= v) for k, (op, v) in GOALS.items()
+        k: (headline[k] <= v if op == "<=" else headline[k] >= v) for k, (op, v) in GOALS.items() if k in headline
     }
     results["headline"] = headline
     report.write(results, Path(a.out), GOALS)

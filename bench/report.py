@@ -77,6 +77,8 @@ def _table(results: dict[str, Any], goals: dict[str, tuple[str, float]]) -> str:
         "|---|---|---|---|",
     ]
     for key, (op, goal) in goals.items():
+        if key not in h:
+            continue  # a step skipped in this run
         lines.append(f"| `{key}` | {h[key]} | {op} {goal:g} | {'yes' if h['goals_met'][key] else '**no**'} |")
     lines += [
         "",
