@@ -1,7 +1,9 @@
 #!/bin/sh
 # Install the OS packages the Rust client (clients/rust) needs to build OFFLINE:
-# libzmq and the Debian-packaged Rust crates it uses (zmq 0.9, serde_json 1),
-# which land in /usr/share/cargo/registry (see clients/rust/.cargo/config.toml).
+# libzmq and the Debian-packaged Rust crates it uses (zmq 0.9, serde_json 1;
+# tokio 1 and futures 0.3 for the async client, cargo feature `tokio`, and its
+# tests and examples), which land in /usr/share/cargo/registry (see
+# clients/rust/.cargo/config.toml).
 # pkg-config is needed by the zmq-sys build script to find libzmq.
 # A Rust toolchain (cargo, rustc >= 1.63) is expected to be on PATH already.
 #
@@ -9,7 +11,7 @@
 # apt-get update once and installs what is missing. Needs root (or sudo).
 set -eu
 
-PACKAGES="libzmq3-dev pkg-config librust-zmq-dev librust-serde-json-dev"
+PACKAGES="libzmq3-dev pkg-config librust-zmq-dev librust-serde-json-dev librust-tokio-dev librust-futures-dev"
 
 missing=""
 for pkg in $PACKAGES; do

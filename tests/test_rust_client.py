@@ -1,15 +1,21 @@
 """The Rust client crate (clients/rust) against a real ``tts-broker serve``.
 
 Builds the crate offline from Debian's packaged crates (run
-``scripts/install-rust-deps.sh`` first), runs its own ``cargo test``, then has
-its ``tts-say`` binary speak into WAV files that are checked here.
+``scripts/install-rust-deps.sh`` first), with its async client (feature
+``tokio``), runs its own ``cargo test``, then has its ``tts-say`` binary speak
+into WAV files that are checked here, and runs its examples: the voice
+pipeline's ``TtsEngine`` over the broker, eight tasks on one async handle, a
+worker killed mid-stream, a broker restarted while the client is idle, and the
+time-to-first-audio probe the benchmark drives.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -19,15 +25,22 @@ import pytest
 import soundfile as sf
 
 from tests.asr import transcribe, words_heard
-from tests.conftest import ROOT, Served, free_port, start_serve, stop_serve, wait_services
+from tests.conftest import EN_VOICE, ROOT, Served, free_port, start_serve, stop_serve, wait_services
 
 RUST_DIR = ROOT / "clients" / "rust"
 TARGET = RUST_DIR / "target"
 DEBIAN_REGISTRY = Path("/usr/share/cargo/registry")
-NEEDED_CRATES = ("zmq-0.9", "zmq-sys-", "serde_json-1.")
+NEEDED_CRATES = ("zmq-0.9", "zmq-sys-", "serde_json-1.", "tokio-1.", "futures-0.3")
 HINT = "run scripts/install-rust-deps.sh (as root) to install libzmq and the Debian Rust crates"
 SENTENCE = "The dragon sleeps beneath the mountain. Gather your courage and follow me."
 TTFA = re.compile(r"time to first audio: ([0-9.]+) ms")
+# examples/async_table.rs: one line per stream when it ends.
+STREAM_ROW = re.compile(
+    r"^stream rid=(?P<rid>\S+) task=(?P<task>\d+) first_audio_ms=(?P<ttfa>[0-9.]+|none) chunks=(?P<chunks>\d+) "
+    r"samples=(?P<samples>\d+) rate=(?P<rate>\d+) gapless=(?P<gapless>yes|no) failovers=(?P<failovers>\d+) "
+    r"outcome=(?P<outcome>\S+)$",
+    re.M,
+)
 
 # A cold build of the crate plus its test profile can take minutes on a slow machine.
 pytestmark = pytest.mark.timeout(1500)
@@ -58,7 +71,7 @@ def _build() -> Path:
     missing = [c for c in NEEDED_CRATES if not any(DEBIAN_REGISTRY.glob(c + "*"))]
     if missing:
         raise MissingTooling(f"Debian Rust crates missing from {DEBIAN_REGISTRY} ({', '.join(missing)}*): {HINT}")
-    proc = _run_cargo("build", "--offline", "--release", "--bins", "--examples", timeout=1200)
+    proc = _run_cargo("build", "--offline", "--release", "--features", "tokio", "--bins", "--examples", timeout=1200)
     if proc.returncode != 0:
         raise MissingTooling(f"cargo build --offline --release failed ({HINT}):\n{proc.stderr[-4000:]}")
     return TARGET / "release"
@@ -66,7 +79,7 @@ def _build() -> Path:
 
 @pytest.fixture(scope="module")
 def rust_build() -> Path | MissingTooling:
-    """Build ``tts-say`` and the examples offline (release), once per module."""
+    """Build ``tts-say`` and the examples (async ones included) offline (release), once per module."""
     try:
         return _build()
     except MissingTooling as exc:
@@ -116,12 +129,14 @@ def _check_spoken(proc: subprocess.CompletedProcess, out: Path, rate: int, subty
 
 
 def test_cargo_unit_tests(rust_build: Path | MissingTooling) -> None:
-    """Framing, parsing, sequence checks, WAV header and the scripted-broker tests: no broker needed."""
+    """Framing, parsing, sequence checks, WAV header and the scripted-broker tests of both clients
+    (blocking, and async with the ``tokio`` feature): no broker needed."""
     _bins(rust_build)
-    proc = _run_cargo("test", "--offline", timeout=1200)
+    proc = _run_cargo("test", "--offline", "--all-features", timeout=1200)
     assert proc.returncode == 0, f"cargo test --offline failed ({HINT}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     results = re.findall(r"test result: ok\. (\d+) passed; 0 failed", proc.stdout)
-    assert results and sum(map(int, results)) >= 30, proc.stdout[-3000:]
+    assert results and sum(map(int, results)) >= 60, proc.stdout[-3000:]
+    assert "a_stalled_reader_does_not_stall_the_others ... ok" in proc.stdout, "the async tests did not run"
 
 
 def test_tts_say_writes_a_16_bit_wav(rust_build: Path | MissingTooling, broker: Served, tmp_path: Path) -> None:
@@ -161,15 +176,17 @@ def test_concurrent_streams_and_cancel(rust_build: Path | MissingTooling, broker
     assert re.search(r"cancelled after \d+ chunk\(s\): cancelled", proc.stdout), proc.stdout
 
 
-def test_stream_after_idle_broker_restart(rust_build: Path | MissingTooling, tmp_path: Path) -> None:
+@pytest.mark.parametrize("example", ["idle_restart", "async_idle_restart"])
+def test_stream_after_idle_broker_restart(rust_build: Path | MissingTooling, tmp_path: Path, example: str) -> None:
     """The broker restarts while the Rust client is idle; its next stream must be served, not
-    failed by the stale disconnect notice the restart left queued (``examples/idle_restart.rs``)."""
+    failed by the stale disconnect notice the restart left queued, with no reconnect code
+    (``examples/idle_restart.rs``: blocking client; ``examples/async_idle_restart.rs``: async)."""
     from tests.test_client import serve_on
 
     rust_bins = _bins(rust_build)
     fe, be = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     running = [serve_on(tmp_path / "first", fe, be)]
-    proc = subprocess.Popen([str(rust_bins / "examples" / "idle_restart"), fe], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([str(rust_bins / "examples" / example), fe], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_services(fe, ["tts"], timeout=120)
@@ -191,3 +208,128 @@ def test_stream_after_idle_broker_restart(rust_build: Path | MissingTooling, tmp
             proc.wait()
         for s in running:
             assert stop_serve(s) == 0, s.log_text()[-3000:]
+
+
+def _example(bins: Path, name: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([str(bins / "examples" / name), *args], capture_output=True, text=True, timeout=timeout)
+
+
+ENGINE_ROW = re.compile(
+    r"^(?P<how>whole|stream) lang=(?P<lang>\S+) routed=(?P<routed>\S+) chunks=(?P<chunks>\d+) "
+    r"samples=(?P<samples>\d+) rate=(?P<rate>\d+) channels=(?P<channels>\d+) seconds=(?P<seconds>[0-9.]+) "
+    r"rms=(?P<rms>[0-9.]+)$",
+    re.M,
+)
+
+
+def test_tts_engine_example_speaks_routed_languages_at_a_fixed_rate(
+    rust_build: Path | MissingTooling, broker: Served, tmp_path: Path
+) -> None:
+    """The voice pipeline's ``TtsEngine``/``PiperAudio`` over the broker (``examples/tts_engine.rs``):
+    an English line and a German one (routed to English, as the pipeline routes), each as a
+    whole utterance (the blocking trait) and streamed as f32 chunks, all at the fixed output rate
+    asked with the ``sample_rate`` option (16 kHz here, not the voice's native 22.05 kHz)."""
+    rust_bins = _bins(rust_build)
+    proc = _example(rust_bins, "tts_engine", broker.frontend, "--rate", "16000", "--wav-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    rows = {(m["how"], m["lang"]): m for m in ENGINE_ROW.finditer(proc.stdout)}
+    assert set(rows) == {("whole", "en"), ("whole", "de"), ("stream", "en"), ("stream", "de")}, proc.stdout
+    for (how, lang), m in rows.items():
+        assert m["routed"] == "en", m[0]
+        assert (int(m["rate"]), int(m["channels"])) == (16000, 1), m[0]
+        assert float(m["seconds"]) > 1.0 and float(m["rms"]) > 0.01, m[0]
+        assert int(m["chunks"]) > (10 if how == "stream" else 0), m[0]
+        audio, sr = sf.read(str(tmp_path / f"{how}-{lang}.wav"), dtype="float32")
+        assert sr == 16000 and audio.ndim == 1 and len(audio) == int(m["samples"]), m[0]
+        assert np.all(np.isfinite(audio)) and float(np.max(np.abs(audio))) <= 1.0
+    for how in ("whole", "stream"):
+        audio, _ = sf.read(str(tmp_path / f"{how}-en.wav"), dtype="float32")
+        assert words_heard(SENTENCE, transcribe(audio, 16000)) >= 0.6, how
+
+
+def test_async_table_eight_tasks_on_one_handle(rust_build: Path | MissingTooling, broker: Served) -> None:
+    """``examples/async_table.rs``: eight tokio tasks share one async client handle (one socket)
+    and speak at once; every stream is complete, gapless and its own."""
+    rust_bins = _bins(rust_build)
+    proc = _example(rust_bins, "async_table", broker.frontend)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(STREAM_ROW.finditer(proc.stdout))
+    assert sorted(int(m["task"]) for m in rows) == list(range(8)), proc.stdout
+    rids = [m["rid"] for m in rows]
+    assert len(set(rids)) == 8 and len({r.rsplit("-", 1)[0] for r in rids}) == 1, rids  # one client
+    for m in rows:
+        assert (m["outcome"], m["gapless"], m["failovers"]) == ("end", "yes", "0"), m[0]
+        assert int(m["rate"]) == 22050 and m["ttfa"] != "none" and float(m["ttfa"]) > 0, m[0]
+        assert int(m["chunks"]) > 20 and int(m["samples"]) > 22050, m[0]
+    assert len(re.findall(r"^start rid=\S+ task=\d engine=piper voice=\S+ pid=[1-9]\d*$", proc.stdout, re.M)) == 8
+
+
+STORY = " ".join(
+    f"Chapter {i}: the caravan crossed the river at dawn, and the guards counted every wagon twice."
+    for i in range(1, 25)
+)
+
+
+def test_async_stream_survives_kill_9_of_its_worker(rust_build: Path | MissingTooling, tmp_path: Path) -> None:
+    """Two Piper workers; the one serving an async stream is killed (-9) mid-stream. Through the
+    Rust client the stream goes on: a ``failover`` event naming another worker, no gap, ``end``."""
+    from tests.test_failover import wait_workers
+
+    rust_bins = _bins(rust_build)
+    service = f"piper.{EN_VOICE}"
+    served = start_serve(tmp_path, f'[[workers]]\nvoice = "{EN_VOICE}"\ndevice = "cpu"\ncount = 2\n')
+    proc = None
+    try:
+        wait_services(served.frontend, [service], timeout=120)
+        wait_workers(served, service, 2)
+        proc = subprocess.Popen([str(rust_bins / "examples" / "async_table"), served.frontend, "--tasks", "1",
+                                 "--text", STORY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        m = re.match(r"start rid=\S+ task=0 engine=piper voice=\S+ pid=(\d+)$", first.strip())
+        assert m, (first, proc.stderr.read() if proc.poll() is not None else "")
+        killed = int(m[1])
+        os.kill(killed, signal.SIGKILL)
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, f"{out}\n{err}"
+        [failover] = re.findall(r"^failover rid=\S+ task=0 engine=piper reason=.* pid=(\d+) resume_at=\d+$", out, re.M)
+        assert int(failover) not in (0, killed), out
+        [row] = STREAM_ROW.finditer(out)
+        assert (row["outcome"], row["gapless"], row["failovers"]) == ("end", "yes", "1"), row[0]
+        # The whole story was spoken: far more audio than what came before the kill.
+        assert int(row["samples"]) > 22050 * 60, row[0]
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        rc = stop_serve(served)
+        assert rc == 0, f"serve exited with {rc}; log:\n{served.log_text()[-3000:]}"
+
+
+def test_ttfa_probe_answers_one_line_per_request(rust_build: Path | MissingTooling, broker: Served) -> None:
+    """``examples/ttfa_probe.rs``, which the benchmark drives: one process, one JSON line out per
+    JSON line in, N concurrent streams through one handle, a clear answer for a bad line."""
+    rust_bins = _bins(rust_build)
+    proc = subprocess.Popen([str(rust_bins / "examples" / "ttfa_probe"), broker.frontend], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        for request, n in [({"text": "Hello there."}, 1), ({"text": "Three at once.", "concurrent": 3}, 3),
+                           ({"text": "Sentence mode.", "stream": "sentence", "language": "en-US"}, 1)]:
+            proc.stdin.write(json.dumps(request) + "\n")
+            proc.stdin.flush()
+            answer = json.loads(proc.stdout.readline())
+            assert answer["ok"] is True, answer
+            assert len(answer["ttfa_ms"]) == len(answer["total_ms"]) == len(answer["chunks"]) == n, answer
+            for ttfa, total, chunks in zip(answer["ttfa_ms"], answer["total_ms"], answer["chunks"]):
+                assert 0 < ttfa <= total < 60_000 and chunks > 0, answer
+        proc.stdin.write("not json\n")
+        proc.stdin.flush()
+        bad = json.loads(proc.stdout.readline())
+        assert bad["ok"] is False and "JSON" in bad["error"], bad
+        out, err = proc.communicate(timeout=30)  # end of input: it exits
+        assert proc.returncode == 0 and out == "", (out, err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,21 +1,19 @@
 //! The blocking client: one DEALER socket, many streams in flight.
 
 use std::cell::{Cell, RefCell};
-use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::audio::Audio;
-use crate::error::{Error, ProtocolError};
-use crate::event::{AudioSpec, Event, SampleFormat, Stats};
+use crate::conn::{self, deadline_after, expired, Monitor, DEFAULT_HEARTBEAT};
+use crate::demux::{self, CallReplies, Incoming, Progress};
+use crate::error::Error;
+use crate::event::{AudioSpec, Event, Stats};
 use crate::protocol::{
-    check_service_name, decode_cancel_reply, decode_opaque_error, decode_reply, encode_cancel, encode_request,
-    encode_tts_request, parse_event, split_event, CancelOutcome, Frames, Reply, ServiceStatus, StreamTracker,
-    CANCEL_SERVICE, MMI_SERVICE, STATUS_SERVICE, TTS_SERVICE,
+    check_service_name, encode_cancel, encode_request, encode_tts_request, CancelOutcome, Frames, Reply, ServiceStatus,
+    StreamTracker, CANCEL_SERVICE, MMI_SERVICE, STATUS_SERVICE, TTS_SERVICE,
 };
 use crate::request::Request;
 
@@ -23,8 +21,6 @@ use crate::request::Request;
 pub const DEFAULT_ENDPOINT: &str = "tcp://127.0.0.1:5555";
 /// Default time a stream may go without any message before it fails with `timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
-
-static CLIENTS: AtomicU64 = AtomicU64::new(0);
 
 /// One stream's queue of items not yet read, and its order checks.
 struct Slot {
@@ -56,7 +52,13 @@ struct Inner {
 /// are queued on those streams while you read one (a demultiplexer on one
 /// DEALER socket).
 ///
-/// The client is blocking and not `Sync`: use one per thread.
+/// The client is blocking and not `Sync`: use one per thread (or the async
+/// client of the `tokio` feature, one handle shared by any number of tasks).
+///
+/// The socket sends ZeroMQ heartbeats every [`DEFAULT_HEARTBEAT`]: a broker
+/// that stops answering them for three intervals (frozen, or gone without
+/// closing the connection) counts as a lost connection, like one that
+/// closed it ([`Error::ConnectionLost`]).
 pub struct Client {
     // Field order is drop order: sockets close before the context terminates.
     sock: zmq::Socket,
@@ -78,31 +80,6 @@ impl std::fmt::Debug for Client {
     }
 }
 
-fn random_prefix() -> String {
-    let mut h = RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.write_u64(CLIENTS.load(Ordering::Relaxed));
-    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        h.write_u128(t.as_nanos());
-    }
-    format!("{:08x}", h.finish() as u32)
-}
-
-/// `now + d`, or `None` (wait forever) when that is beyond what `Instant` can hold.
-fn deadline_after(d: Duration) -> Option<Instant> {
-    Instant::now().checked_add(d)
-}
-
-fn expired(deadline: Option<Instant>) -> bool {
-    matches!(deadline, Some(d) if Instant::now() >= d)
-}
-
-fn millis(d: Duration) -> i64 {
-    // Round up so that a poll never wakes just before its deadline and spins.
-    let ms = d.as_micros().saturating_add(999) / 1000;
-    i64::try_from(ms).unwrap_or(i64::MAX)
-}
-
 impl Client {
     /// Connect to the broker's frontend (e.g. `tcp://127.0.0.1:5555`) with a new ZeroMQ context.
     ///
@@ -114,19 +91,8 @@ impl Client {
 
     /// Connect using an existing ZeroMQ context (shared with your own sockets).
     pub fn connect_with_context(ctx: &zmq::Context, endpoint: &str) -> Result<Client, Error> {
-        let n = CLIENTS.fetch_add(1, Ordering::Relaxed);
-        let prefix = random_prefix();
-        let sock = ctx.socket(zmq::DEALER)?;
-        sock.set_linger(0)?;
-        sock.set_sndtimeo(i32::try_from(DEFAULT_TIMEOUT.as_millis()).unwrap_or(i32::MAX))?;
-        // A dropped connection means the broker died or restarted: it has
-        // forgotten our streams, so they fail now instead of at the timeout.
-        let monitor_addr = format!("inproc://tts-broker-client-monitor-{}-{prefix}-{n}", std::process::id());
-        sock.monitor(&monitor_addr, zmq::SocketEvent::DISCONNECTED as i32)?;
-        let monitor = ctx.socket(zmq::PAIR)?;
-        monitor.set_linger(0)?;
-        monitor.connect(&monitor_addr)?;
-        sock.connect(endpoint)?;
+        let conn::Connection { sock, monitor, prefix } = conn::open(ctx, endpoint, DEFAULT_HEARTBEAT)?;
+        sock.set_sndtimeo(conn::send_timeout_ms(DEFAULT_TIMEOUT))?;
         Ok(Client {
             sock,
             monitor,
@@ -158,8 +124,7 @@ impl Client {
     /// Change the timeout; it also bounds how long a send may block. Any
     /// `Duration` is accepted: one too long to represent means "forever".
     pub fn set_timeout(&self, timeout: Duration) -> Result<(), Error> {
-        self.sock
-            .set_sndtimeo(i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX))?;
+        self.sock.set_sndtimeo(conn::send_timeout_ms(timeout))?;
         self.timeout.set(timeout);
         Ok(())
     }
@@ -195,11 +160,7 @@ impl Client {
         Ok(Stream {
             client: self,
             rid,
-            done: false,
-            sent_at: Instant::now(),
-            first_audio_at: None,
-            spec: None,
-            stats: None,
+            progress: Progress::new(),
         })
     }
 
@@ -238,7 +199,7 @@ impl Client {
     fn call_inner(&self, service: &str, body: &[&[u8]], timeout: Duration) -> Result<Vec<Reply>, Error> {
         self.drain_monitor()?;
         self.send(encode_request(service, body), 0)?;
-        let mut got = Vec::new();
+        let mut got = CallReplies::default();
         let mut deadline = deadline_after(timeout);
         loop {
             let next = {
@@ -249,22 +210,14 @@ impl Client {
                 }
             };
             if let Some(reply) = next {
-                if !reply.is_final {
-                    got.push(reply);
-                    deadline = deadline_after(timeout);
-                    continue;
+                if let Some(done) = got.push(reply) {
+                    return done;
                 }
-                if let Some((code, message)) = decode_opaque_error(&reply.body) {
-                    return Err(Error::Tts { code, message });
-                }
-                got.push(reply);
-                return Ok(got);
+                deadline = deadline_after(timeout);
+                continue;
             }
             if expired(deadline) {
-                return Err(Error::Timeout {
-                    waited: timeout,
-                    what: format!("from {service}"),
-                });
+                return Err(demux::no_answer(service, timeout));
             }
             self.pump(deadline)?;
         }
@@ -286,19 +239,13 @@ impl Client {
     pub fn wait_ready(&self, service: &str, timeout: Duration) -> Result<bool, Error> {
         let deadline = deadline_after(timeout);
         loop {
-            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
-            let attempt = left.min(Duration::from_secs(1)).max(Duration::from_millis(50));
-            match self.service_ready(service, attempt) {
-                Ok(ServiceStatus::Ready) => return Ok(true),
-                Ok(ServiceStatus::NotImplemented) => return Ok(false),
-                Ok(_) | Err(Error::Timeout { .. }) => {}
-                Err(e) => return Err(e),
+            if let Some(ready) = demux::ready_verdict(self.service_ready(service, demux::ready_attempt(deadline)))? {
+                return Ok(ready);
             }
             if expired(deadline) {
                 return Ok(false);
             }
-            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
-            std::thread::sleep(Duration::from_millis(100).min(left));
+            std::thread::sleep(demux::ready_pause(deadline));
         }
     }
 
@@ -339,10 +286,7 @@ impl Client {
                 return Ok(outcome);
             }
             if expired(deadline) {
-                return Err(Error::Timeout {
-                    waited: timeout,
-                    what: format!("from {CANCEL_SERVICE}"),
-                });
+                return Err(demux::no_answer(CANCEL_SERVICE, timeout));
             }
             self.pump(deadline)?;
         }
@@ -364,21 +308,12 @@ impl Client {
 
     /// [`Client::synthesize_request`] on a given TTS service (`tts`, `piper.<voice>`, `xtts`).
     pub fn synthesize_to(&self, service: &str, request: &Request) -> Result<Audio, Error> {
-        let mut request = request.clone();
-        if request.format.is_none() {
-            request.format = Some(SampleFormat::F32le);
-        }
-        self.speak_to(service, &request)?.read_audio_f32()
+        self.speak_to(service, &demux::float_request(request))?.read_audio_f32()
     }
 
     /// The broker's `tts.status` JSON.
     pub fn status(&self, timeout: Duration) -> Result<Value, Error> {
-        let body = self.call_final(STATUS_SERVICE, &[b"{}"], timeout)?;
-        let first = body
-            .first()
-            .ok_or_else(|| ProtocolError::new("empty tts.status reply"))?;
-        serde_json::from_slice(first)
-            .map_err(|e| ProtocolError::new(format!("tts.status reply is not JSON: {e}")).into())
+        demux::status_json(&self.call_final(STATUS_SERVICE, &[b"{}"], timeout)?)
     }
 
     fn send(&self, frames: Frames, flags: i32) -> Result<(), Error> {
@@ -395,7 +330,7 @@ impl Client {
     /// Wait until `deadline` (`None`: forever) for one message (or a disconnect) and dispatch it.
     fn pump(&self, deadline: Option<Instant>) -> Result<(), Error> {
         loop {
-            let wait = deadline.map_or(-1, |d| millis(d.saturating_duration_since(Instant::now())));
+            let wait = conn::poll_timeout(deadline);
             let (sock_ready, monitor_ready) = {
                 let mut items = [
                     self.sock.as_poll_item(zmq::POLLIN),
@@ -430,21 +365,13 @@ impl Client {
 
     /// Handle one queued monitor event, if any; `Ok(false)` when none was queued.
     fn read_monitor(&self) -> Result<bool, Error> {
-        match self.monitor.recv_multipart(zmq::DONTWAIT) {
-            Ok(frames) => {
-                let event = frames
-                    .first()
-                    .and_then(|f| f.get(0..2))
-                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                    .unwrap_or(0);
-                if event & zmq::SocketEvent::DISCONNECTED.to_raw() != 0 {
-                    self.connection_lost();
-                }
+        match conn::read_monitor(&self.monitor)? {
+            Monitor::Empty => Ok(false),
+            Monitor::Disconnected => {
+                self.connection_lost();
                 Ok(true)
             }
-            Err(zmq::Error::EAGAIN) => Ok(false),
-            Err(zmq::Error::EINTR) => Ok(true),
-            Err(e) => Err(e.into()),
+            Monitor::Other => Ok(true),
         }
     }
 
@@ -474,43 +401,34 @@ impl Client {
 
     /// Route one message: to its stream's queue, to a waiting call, or nowhere.
     fn dispatch(&self, frames: Frames) {
-        // A message that is not MDP/0.2 names no stream we could blame: drop it.
-        let reply = match decode_reply(frames) {
-            Ok(reply) => reply,
-            Err(_) => return,
-        };
-        if reply.service == CANCEL_SERVICE {
-            // Kept only for a cancel that waits for it (Client::cancel).
-            if let Ok((rid, outcome)) = decode_cancel_reply(&reply.body) {
-                if let Some(entry) = self.inner.borrow_mut().cancels.get_mut(&rid) {
-                    entry.1.push_back(outcome);
-                }
-            }
-            return;
-        }
         let mut cancel = None;
         {
             let mut inner = self.inner.borrow_mut();
-            let plain = reply.service.starts_with("mmi.") || reply.service == STATUS_SERVICE;
-            let rid = reply
-                .body
-                .first()
-                .filter(|rid| !plain && inner.streams.contains_key(*rid))
-                .cloned();
-            if let Some(rid) = rid {
-                if let Some(slot) = inner.streams.get_mut(&rid) {
-                    let is_final = reply.is_final;
-                    let parsed = split_event(reply.body).and_then(|ev| parse_event(&ev.name, ev.args));
-                    if let Some(item) = slot.tracker.accept(is_final, parsed) {
-                        slot.queue.push_back((item, Instant::now()));
-                    }
-                    if slot.tracker.is_finished() && !is_final {
-                        // We ended it (sequence gap, malformed event): stop the broker too.
-                        cancel = Some(rid);
+            let incoming = demux::classify(frames, |rid| inner.streams.contains_key(rid));
+            match incoming {
+                // Kept only for a cancel that waits for it (Client::cancel).
+                Some(Incoming::Cancel(rid, outcome)) => {
+                    if let Some(entry) = inner.cancels.get_mut(&rid) {
+                        entry.1.push_back(outcome);
                     }
                 }
-            } else if inner.calls.get(&reply.service).copied().unwrap_or(0) > 0 {
-                inner.replies.push_back(reply);
+                Some(Incoming::Stream { rid, is_final, event }) => {
+                    if let Some(slot) = inner.streams.get_mut(&rid) {
+                        let (item, stop) = demux::track(&mut slot.tracker, is_final, event);
+                        if let Some(item) = item {
+                            slot.queue.push_back((item, Instant::now()));
+                        }
+                        // We ended it (sequence gap, malformed event): stop the broker too.
+                        if stop {
+                            cancel = Some(rid);
+                        }
+                    }
+                }
+                Some(Incoming::Call(reply)) if inner.calls.get(&reply.service).copied().unwrap_or(0) > 0 => {
+                    inner.replies.push_back(reply);
+                }
+                // Not MDP/0.2, or a reply nobody waits for.
+                Some(Incoming::Call(_)) | None => {}
             }
         }
         if let Some(rid) = cancel {
@@ -554,19 +472,15 @@ impl Client {
 pub struct Stream<'a> {
     client: &'a Client,
     rid: Vec<u8>,
-    done: bool,
-    sent_at: Instant,
-    first_audio_at: Option<Instant>,
-    spec: Option<AudioSpec>,
-    stats: Option<Stats>,
+    progress: Progress,
 }
 
 impl std::fmt::Debug for Stream<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Stream")
             .field("request_id", &String::from_utf8_lossy(&self.rid))
-            .field("done", &self.done)
-            .field("spec", &self.spec)
+            .field("done", &self.progress.done)
+            .field("spec", &self.progress.spec)
             .finish()
     }
 }
@@ -582,7 +496,7 @@ impl<'a> Stream<'a> {
     /// Fails with [`Error::Timeout`] (and cancels the stream) when nothing
     /// arrives for it within the client's timeout.
     pub fn next_event(&mut self) -> Result<Option<Event>, Error> {
-        if self.done {
+        if self.progress.done {
             return Ok(None);
         }
         let timeout = self.client.timeout();
@@ -590,7 +504,10 @@ impl<'a> Stream<'a> {
         loop {
             match self.client.poll_slot(&self.rid) {
                 SlotPoll::Item(Ok(event), received_at) => {
-                    self.observe(&event, received_at);
+                    self.progress.observe(&event, received_at);
+                    if self.progress.done {
+                        self.finish();
+                    }
                     return Ok(Some(event));
                 }
                 SlotPoll::Item(Err(e), _) => {
@@ -605,30 +522,15 @@ impl<'a> Stream<'a> {
             }
             if expired(deadline) {
                 self.client.abandon(&self.rid);
-                self.done = true;
-                return Err(Error::Timeout {
-                    waited: timeout,
-                    what: format!("for stream {}", String::from_utf8_lossy(&self.rid)),
-                });
+                self.progress.done = true;
+                return Err(demux::stream_silent(&self.rid, timeout));
             }
             self.client.pump(deadline)?;
         }
     }
 
-    fn observe(&mut self, event: &Event, received_at: Instant) {
-        match event {
-            Event::Start { .. } => self.spec = event.audio_spec(),
-            Event::Audio { .. } if self.first_audio_at.is_none() => self.first_audio_at = Some(received_at),
-            Event::End { stats } => {
-                self.stats = Some(stats.clone());
-                self.finish();
-            }
-            _ => {}
-        }
-    }
-
     fn finish(&mut self) {
-        self.done = true;
+        self.progress.done = true;
         self.client.forget(&self.rid);
     }
 
@@ -636,7 +538,7 @@ impl<'a> Stream<'a> {
     /// [`Error::Tts`] whose code is `cancelled` (check [`Error::is_cancelled`]),
     /// possibly after a few events already on their way.
     pub fn cancel(&self) -> Result<(), Error> {
-        if self.done {
+        if self.progress.done {
             return Ok(());
         }
         self.client.send(encode_cancel(&self.rid), 0)
@@ -647,7 +549,7 @@ impl<'a> Stream<'a> {
     /// `cancelled` when the answer is [`CancelOutcome::Cancelled`]. A stream
     /// already finished here is [`CancelOutcome::Unknown`] without asking.
     pub fn cancel_wait(&self, timeout: Duration) -> Result<CancelOutcome, Error> {
-        if self.done {
+        if self.progress.done {
             return Ok(CancelOutcome::Unknown);
         }
         self.client.cancel(&self.rid, timeout)
@@ -655,24 +557,24 @@ impl<'a> Stream<'a> {
 
     /// True once the stream has ended (end, error, timeout).
     pub fn is_done(&self) -> bool {
-        self.done
+        self.progress.done
     }
 
     /// The audio format, once `start` has been read.
     pub fn audio_spec(&self) -> Option<AudioSpec> {
-        self.spec
+        self.progress.spec
     }
 
     /// The `end` statistics, once read.
     pub fn stats(&self) -> Option<&Stats> {
-        self.stats.as_ref()
+        self.progress.stats.as_ref()
     }
 
     /// Time from sending the request to receiving the first audio chunk, as
     /// seen by this client (the time the client took it off the socket, even
     /// while you were reading another stream), once that chunk has been read.
     pub fn ttfa(&self) -> Option<Duration> {
-        self.first_audio_at.map(|t| t.duration_since(self.sent_at))
+        self.progress.ttfa()
     }
 
     /// Read the rest of the stream and return its PCM (format: [`Stream::audio_spec`]).
@@ -704,14 +606,7 @@ impl<'a> Stream<'a> {
         while let Some(event) = self.next_event()? {
             event.extend_f32(&mut samples);
         }
-        let spec = self
-            .spec
-            .ok_or_else(|| ProtocolError::new("stream ended without a start event"))?;
-        Ok(Audio {
-            samples,
-            sample_rate: spec.sample_rate,
-            channels: spec.channels,
-        })
+        self.progress.audio(samples)
     }
 }
 
@@ -725,7 +620,7 @@ impl Iterator for Stream<'_> {
 
 impl Drop for Stream<'_> {
     fn drop(&mut self) {
-        if !self.done {
+        if !self.progress.done {
             self.client.abandon(&self.rid);
         }
     }

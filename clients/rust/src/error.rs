@@ -124,6 +124,15 @@ pub enum Error {
     },
     /// A malformed reply for this stream (the stream was cancelled).
     Protocol(ProtocolError),
+    /// The reader of an async stream fell behind: the audio it had not read
+    /// yet would have passed the client's per-stream buffer limit, so the
+    /// client cancelled the stream at the broker and dropped the rest. The
+    /// events received before are still read first. Read faster (or raise the
+    /// limit: `tokio::Builder::buffer_limit`).
+    Overflow {
+        /// The limit, in bytes of buffered audio.
+        limit: usize,
+    },
     /// The client refused to send something (for example an invalid service name).
     InvalidRequest(String),
     /// ZeroMQ failed (socket creation, connect, send, poll…).
@@ -136,7 +145,8 @@ impl Error {
     /// The protocol error code that best describes this error.
     ///
     /// A broker `error` keeps its own code; a client-side timeout is `timeout`,
-    /// a lost connection `unavailable`, a broken stream `internal`.
+    /// a lost connection `unavailable`, a broken stream `internal`, a reader
+    /// that fell behind ([`Error::Overflow`]) `overloaded`.
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::Tts { code, .. } => code.clone(),
@@ -144,6 +154,7 @@ impl Error {
             Error::ConnectionLost { .. } | Error::Zmq(_) => ErrorCode::Unavailable,
             Error::SequenceGap { .. } | Error::Protocol(_) | Error::Io(_) => ErrorCode::Internal,
             Error::InvalidRequest(_) => ErrorCode::BadRequest,
+            Error::Overflow { .. } => ErrorCode::Overloaded,
         }
     }
 
@@ -173,6 +184,10 @@ impl fmt::Display for Error {
                 write!(f, "internal: audio sequence gap: expected {expected}, got {got}")
             }
             Error::Protocol(e) => e.fmt(f),
+            Error::Overflow { limit } => write!(
+                f,
+                "overloaded: the stream's reader fell behind: more than {limit} bytes of audio unread; cancelled"
+            ),
             Error::InvalidRequest(m) => write!(f, "invalid request: {m}"),
             Error::Zmq(e) => write!(f, "zeromq: {e}"),
             Error::Io(e) => write!(f, "i/o: {e}"),
@@ -251,6 +266,9 @@ mod tests {
             message: String::new()
         }
         .is_cancelled());
+        let o = Error::Overflow { limit: 4096 };
+        assert_eq!(o.code(), ErrorCode::Overloaded);
+        assert!(o.to_string().contains("4096 bytes"), "{o}");
         let p: Error = ProtocolError::new("bad").into();
         assert!(std::error::Error::source(&p).is_some());
     }

@@ -19,7 +19,12 @@
 //!   [`Stream::next_chunk_f32`]) and whole utterances ([`Client::synthesize`]
 //!   returning an [`Audio`]);
 //! * plain calls to other services returning every reply
-//!   ([`Client::call`]).
+//!   ([`Client::call`]);
+//! * ZeroMQ heartbeats on the connection ([`DEFAULT_HEARTBEAT`]): a broker
+//!   that vanished without closing the connection is noticed too;
+//! * with the cargo feature `tokio`, an async client (`tts_broker_client::tokio`):
+//!   one `Clone + Send + Sync` handle shared by any number of tasks, each
+//!   stream a `futures::Stream` with a bounded buffer (see that module).
 //!
 //! ```no_run
 //! use tts_broker_client::{Client, Event, Request};
@@ -44,14 +49,19 @@
 
 mod audio;
 mod client;
+mod conn;
+mod demux;
 mod error;
 mod event;
 pub mod protocol;
 mod request;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod wav;
 
 pub use audio::{extend_f32, pcm_to_f32, Audio};
 pub use client::{Client, Stream, DEFAULT_ENDPOINT, DEFAULT_TIMEOUT};
+pub use conn::DEFAULT_HEARTBEAT;
 pub use error::{Error, ErrorCode, ProtocolError};
 pub use event::{AudioSpec, Event, SampleFormat, Stats, WorkerInfo};
 pub use protocol::{CancelOutcome, Reply, ServiceStatus};

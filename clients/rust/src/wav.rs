@@ -61,7 +61,7 @@ impl<W: Write + Seek> WavWriter<W> {
         let total = self.data_bytes + pcm.len() as u64;
         // RIFF sizes are 32-bit; the RIFF size field also counts 36 header bytes.
         if total > u64::from(u32::MAX - 36) {
-            return Err(io::Error::other("WAV data would exceed 4 GiB"));
+            return Err(io::Error::new(io::ErrorKind::Other, "WAV data would exceed 4 GiB"));
         }
         self.out.write_all(pcm)?;
         self.data_bytes = total;

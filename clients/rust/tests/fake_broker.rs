@@ -8,102 +8,20 @@ use tts_broker_client::{
     zmq, Audio, CancelOutcome, Client, Error, ErrorCode, Event, Request, SampleFormat, ServiceStatus, StreamMode,
 };
 
-struct FakeBroker {
-    router: zmq::Socket,
-    _ctx: zmq::Context,
-}
+mod common;
 
-type Frames = Vec<Vec<u8>>;
+use common::{FakeBroker, Proxy, START};
 
-const START: &[u8] =
-    br#"{"sample_rate":22050,"channels":1,"format":"s16le","engine":"piper","voice":"v","worker":{"id":"w1","pid":1}}"#;
-
-impl FakeBroker {
-    /// A ROUTER bound to `endpoint`; returns it and the endpoint clients should connect to.
-    fn bind(ctx: &zmq::Context, endpoint: &str) -> (FakeBroker, String) {
-        let router = ctx.socket(zmq::ROUTER).unwrap();
-        router.set_linger(0).unwrap();
-        router.bind(endpoint).unwrap();
-        let bound = router.get_last_endpoint().unwrap().unwrap();
-        (
-            FakeBroker {
-                router,
-                _ctx: ctx.clone(),
-            },
-            bound,
-        )
-    }
-
-    /// Next client command: (identity, frames without the identity).
-    fn recv(&self) -> (Vec<u8>, Frames) {
-        assert!(
-            self.router.poll(zmq::POLLIN, 5000).unwrap() > 0,
-            "the client sent nothing"
-        );
-        let mut frames = self.router.recv_multipart(0).unwrap();
-        let rest = frames.split_off(1);
-        (frames.remove(0), rest)
-    }
-
-    fn recv_request(&self) -> (Vec<u8>, String, Frames) {
-        let (id, frames) = self.recv();
-        assert_eq!(&frames[0], b"MDPC02");
-        assert_eq!(&frames[1], &[0x01]);
-        (id, String::from_utf8(frames[2].clone()).unwrap(), frames[3..].to_vec())
-    }
-
-    fn reply(&self, id: &[u8], is_final: bool, service: &str, body: &[&[u8]]) {
-        let mut frames: Frames = vec![
-            id.to_vec(),
-            b"MDPC02".to_vec(),
-            vec![if is_final { 3 } else { 2 }],
-            service.as_bytes().to_vec(),
-        ];
-        frames.extend(body.iter().map(|b| b.to_vec()));
-        self.router.send_multipart(frames, 0).unwrap();
-    }
-
-    fn raw(&self, id: &[u8], frames: &[&[u8]]) {
-        let mut all: Frames = vec![id.to_vec()];
-        all.extend(frames.iter().map(|b| b.to_vec()));
-        self.router.send_multipart(all, 0).unwrap();
-    }
-
-    fn start(&self, id: &[u8], rid: &[u8]) {
-        self.reply(id, false, "tts", &[rid, b"start", START]);
-    }
-
-    fn audio(&self, id: &[u8], rid: &[u8], seq: u32, pcm: &[u8]) {
-        self.reply(id, false, "tts", &[rid, b"audio", &seq.to_be_bytes(), pcm]);
-    }
-
-    fn end(&self, id: &[u8], rid: &[u8]) {
-        self.reply(
-            id,
-            true,
-            "tts",
-            &[rid, b"end", br#"{"samples":2,"ttfa_ms":5.5,"engines":["piper"]}"#],
-        );
-    }
-
-    /// The next command must be a cancel of `rid`.
-    fn expect_cancel(&self, rid: &[u8]) {
-        let (_, service, body) = self.recv_request();
-        assert_eq!(service, "tts.cancel");
-        assert_eq!(body, vec![rid.to_vec()]);
-    }
-}
-
-fn inproc(name: &str) -> (zmq::Context, FakeBroker, String) {
-    let ctx = zmq::Context::new();
-    let (broker, endpoint) = FakeBroker::bind(&ctx, &format!("inproc://{name}"));
-    (ctx, broker, endpoint)
+/// A blocking client of a new in-process fake broker.
+fn connect(name: &str) -> (FakeBroker, Client) {
+    let (broker, endpoint) = FakeBroker::inproc(name);
+    let client = Client::connect_with_context(broker.context(), &endpoint).unwrap();
+    (broker, client)
 }
 
 #[test]
 fn two_streams_demultiplexed_in_any_order() {
-    let (ctx, broker, endpoint) = inproc("demux");
-    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let (broker, client) = connect("demux");
     let mut a = client.speak(&Request::new("first").language("en")).unwrap();
     let mut b = client
         .speak(&Request::new("second").format(SampleFormat::S16le))
@@ -177,8 +95,7 @@ fn two_streams_demultiplexed_in_any_order() {
 
 #[test]
 fn read_audio_collects_pcm() {
-    let (ctx, broker, endpoint) = inproc("read-audio");
-    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let (broker, client) = connect("read-audio");
     let mut s = client.speak_to("piper.v", &Request::new("x")).unwrap();
     let (id, service, body) = broker.recv_request();
     assert_eq!(service, "piper.v");
@@ -192,8 +109,7 @@ fn read_audio_collects_pcm() {
 
 #[test]
 fn error_final_is_a_typed_error() {
-    let (ctx, broker, endpoint) = inproc("error-final");
-    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let (broker, client) = connect("error-final");
     let mut s = client.speak(&Request::new(" ")).unwrap();
     let (id, _, body) = broker.recv_request();
     broker.reply(
@@ -219,8 +135,7 @@ fn error_final_is_a_typed_error() {
 
 #[test]
 fn sequence_gap_fails_the_stream_and_cancels_it() {
-    let (ctx, broker, endpoint) = inproc("gap");
-    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let (broker, client) = connect("gap");
     let mut s = client.speak(&Request::new("x")).unwrap();
     let (id, _, body) = broker.recv_request();
     let rid = body[0].clone();
@@ -240,8 +155,7 @@ fn sequence_gap_fails_the_stream_and_cancels_it() {
 
 #[test]
 fn malformed_event_for_a_stream_is_a_protocol_error() {
-    let (ctx, broker, endpoint) = inproc("malformed");
-    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let (broker, client) = connect("malformed");
     let mut s = client.speak(&Request::new("x")).unwrap();
     let (id, _, body) = broker.recv_request();
     let rid = body[0].clone();
@@ -253,8 +167,7 @@ fn malformed_event_for_a_stream_is_a_protocol_error() {
 
 #[test]
 fn cancel_ends_with_cancelled() {
-    let (ctx, broker, endpoint) = inproc("cancel");
-    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let (broker, client) = connect("cancel");
     let mut s = client.speak(&Request::new("x")).unwrap();
     let (id, _, body) = broker.recv_request();
     let rid = body[0].clone();
@@ -281,8 +194,7 @@ fn cancel_ends_with_cancelled() {
 
 #[test]
 fn dropping_an_unfinished_stream_cancels_it() {
-    let (ctx, broker, endpoint) = inproc("drop");
-    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let (broker, client) = connect("drop");
     let s = client.speak(&Request::new("x")).unwrap();
     let (id, _, body) = broker.recv_request();
     drop(s);
@@ -298,11 +210,8 @@ fn dropping_an_unfinished_stream_cancels_it() {
 
 #[test]
 fn silence_is_a_timeout_and_cancels() {
-    let (ctx, broker, endpoint) = inproc("timeout");
-    let client = Client::connect_with_context(&ctx, &endpoint)
-        .unwrap()
-        .with_timeout(Duration::from_millis(200))
-        .unwrap();
+    let (broker, client) = connect("timeout");
+    let client = client.with_timeout(Duration::from_millis(200)).unwrap();
     let mut s = client.speak(&Request::new("x")).unwrap();
     let (_, _, body) = broker.recv_request();
     let t0 = Instant::now();
@@ -321,8 +230,7 @@ fn silence_is_a_timeout_and_cancels() {
 
 #[test]
 fn mmi_readiness_and_status() {
-    let (ctx, broker, endpoint) = inproc("mmi");
-    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let (broker, client) = connect("mmi");
     // No answer: a timeout.
     assert!(matches!(
         client.service_ready("tts", Duration::from_millis(50)),
@@ -332,7 +240,7 @@ fn mmi_readiness_and_status() {
     assert_eq!((service.as_str(), body), ("mmi.service", vec![b"tts".to_vec()]));
 
     // Answer "404" then "200": wait_ready polls until ready.
-    let handle = std::thread::spawn(move || {
+    let handle = broker.serve(move |broker| {
         for answer in [&b"404"[..], &b"200"[..]] {
             let (id, service, body) = broker.recv_request();
             assert_eq!(service, "mmi.service");
@@ -342,7 +250,6 @@ fn mmi_readiness_and_status() {
         let (id, service, _) = broker.recv_request();
         assert_eq!(service, "tts.status");
         broker.reply(&id, true, "tts.status", &[br#"{"inflight":0}"#]);
-        broker
     });
     assert!(client.wait_ready("tts", Duration::from_secs(5)).unwrap());
     assert_eq!(client.status(Duration::from_secs(5)).unwrap()["inflight"], 0);
@@ -351,8 +258,7 @@ fn mmi_readiness_and_status() {
 
 #[test]
 fn invalid_service_names_are_refused_locally() {
-    let (ctx, _broker, endpoint) = inproc("names");
-    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let (_broker, client) = connect("names");
     assert!(matches!(
         client.speak_to("has space", &Request::new("x")),
         Err(Error::InvalidRequest(_))
@@ -369,9 +275,8 @@ fn invalid_service_names_are_refused_locally() {
 
 #[test]
 fn lost_connection_fails_streams_in_flight() {
-    let ctx = zmq::Context::new();
-    let (broker, endpoint) = FakeBroker::bind(&ctx, "tcp://127.0.0.1:*");
-    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let (broker, endpoint) = FakeBroker::tcp();
+    let client = Client::connect(&endpoint).unwrap();
     let mut s = client.speak(&Request::new("x")).unwrap();
     let (id, _, body) = broker.recv_request();
     broker.start(&id, &body[0]);
@@ -384,6 +289,28 @@ fn lost_connection_fails_streams_in_flight() {
     }
     assert!(t0.elapsed() < Duration::from_secs(10));
     assert!(s.next().is_none());
+}
+
+/// A broker that stops answering without closing the connection (frozen,
+/// or a dead network path): the client's ZeroMQ heartbeats notice, and the
+/// stream ends with `ConnectionLost`, not with its own (two-minute) timeout.
+#[test]
+fn a_silent_broker_is_noticed_by_the_heartbeats() {
+    let (broker, upstream) = FakeBroker::tcp();
+    let proxy = Proxy::start(&upstream);
+    let client = Client::connect(&proxy.endpoint)
+        .unwrap()
+        .with_timeout(Duration::from_secs(120))
+        .unwrap();
+    let mut s = client.speak(&Request::new("x")).unwrap();
+    let (id, rid, _) = broker.recv_tts();
+    broker.start(&id, &rid);
+    assert!(matches!(s.next(), Some(Ok(Event::Start { .. }))));
+    proxy.freeze();
+    match s.next() {
+        Some(Err(Error::ConnectionLost { .. })) => {}
+        other => panic!("{other:?}"),
+    }
 }
 
 /// The broker restarts while the client is idle (nothing in flight). The
@@ -405,13 +332,12 @@ fn stream_after_an_idle_broker_restart_succeeds() {
     let (broker, _) = FakeBroker::bind(&ctx, &endpoint); // …and comes back on the same port
     std::thread::sleep(Duration::from_millis(300));
     // The new broker answers late, so the client waits on its socket (and its monitor) first.
-    let answer = std::thread::spawn(move || {
+    let answer = broker.serve(move |broker| {
         let (id, _, body) = broker.recv_request();
         assert_eq!(body[1], br#"{"text":"after"}"#.to_vec());
         std::thread::sleep(Duration::from_millis(200));
         broker.start(&id, &body[0]);
         broker.end(&id, &body[0]);
-        broker
     });
     let mut s = client.speak(&Request::new("after")).unwrap();
     let names: Vec<&str> = s.by_ref().map(|e| e.unwrap().name()).collect();
@@ -421,9 +347,8 @@ fn stream_after_an_idle_broker_restart_succeeds() {
 
 #[test]
 fn call_returns_every_reply_with_its_flag() {
-    let (ctx, broker, endpoint) = inproc("call-all");
-    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
-    let handle = std::thread::spawn(move || {
+    let (broker, client) = connect("call-all");
+    let handle = broker.serve(move |broker| {
         let (id, service, body) = broker.recv_request();
         assert_eq!((service.as_str(), body), ("echo", vec![b"hi".to_vec()]));
         broker.reply(&id, false, "echo", &[b"one"]);
@@ -441,7 +366,6 @@ fn call_returns_every_reply_with_its_flag() {
                 br#"{"code":"internal","message":"worker died after a PARTIAL"}"#,
             ],
         );
-        broker
     });
     let replies = client.call("echo", &[b"hi"], Duration::from_secs(5)).unwrap();
     let flags: Vec<(bool, Vec<Vec<u8>>)> = replies.into_iter().map(|r| (r.is_final, r.body)).collect();
@@ -465,14 +389,12 @@ fn call_returns_every_reply_with_its_flag() {
 
 #[test]
 fn service_ready_tells_404_from_501() {
-    let (ctx, broker, endpoint) = inproc("mmi-501");
-    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
-    let handle = std::thread::spawn(move || {
+    let (broker, client) = connect("mmi-501");
+    let handle = broker.serve(move |broker| {
         for answer in [&b"200"[..], &b"404"[..], &b"501"[..], &b"501"[..]] {
             let (id, _, _) = broker.recv_request();
             broker.reply(&id, true, "mmi.service", &[answer]);
         }
-        broker
     });
     let t = Duration::from_secs(5);
     assert_eq!(client.service_ready("tts", t).unwrap(), ServiceStatus::Ready);
@@ -490,12 +412,11 @@ fn service_ready_tells_404_from_501() {
 
 #[test]
 fn cancel_returns_the_brokers_answer() {
-    let (ctx, broker, endpoint) = inproc("cancel-answer");
-    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
+    let (broker, client) = connect("cancel-answer");
     let mut s = client.speak(&Request::new("x")).unwrap();
     let (id, _, body) = broker.recv_request();
     let rid = body[0].clone();
-    let handle = std::thread::spawn(move || {
+    let handle = broker.serve(move |broker| {
         broker.expect_cancel(&rid);
         // An answer for another id first: not ours.
         broker.reply(&id, true, "tts.cancel", &[b"other", b"unknown"]);
@@ -512,7 +433,6 @@ fn cancel_returns_the_brokers_answer() {
         );
         broker.expect_cancel(b"gone");
         broker.reply(&id, true, "tts.cancel", &[b"gone", b"unknown"]);
-        broker
     });
     assert_eq!(s.cancel_wait(Duration::from_secs(5)).unwrap(), CancelOutcome::Cancelled);
     match s.next() {
@@ -529,23 +449,19 @@ fn cancel_returns_the_brokers_answer() {
 
 #[test]
 fn duration_max_timeouts_do_not_panic() {
-    let (ctx, broker, endpoint) = inproc("duration-max");
-    let client = Client::connect_with_context(&ctx, &endpoint)
-        .unwrap()
-        .with_timeout(Duration::MAX)
-        .unwrap();
+    let (broker, client) = connect("duration-max");
+    let client = client.with_timeout(Duration::MAX).unwrap();
     assert_eq!(client.timeout(), Duration::MAX);
     let mut s = client.speak(&Request::new("x")).unwrap();
     let (id, _, body) = broker.recv_request();
     broker.start(&id, &body[0]);
     broker.end(&id, &body[0]);
     assert_eq!(s.by_ref().count(), 2);
-    let handle = std::thread::spawn(move || {
+    let handle = broker.serve(move |broker| {
         let (id, _, _) = broker.recv_request();
         broker.reply(&id, true, "mmi.service", &[b"200"]);
         let (id, _, _) = broker.recv_request();
         broker.reply(&id, true, "mmi.service", &[b"200"]);
-        broker
     });
     assert!(client.service_ready("tts", Duration::MAX).unwrap().is_ready());
     assert!(client.wait_ready("tts", Duration::MAX).unwrap());
@@ -554,9 +470,8 @@ fn duration_max_timeouts_do_not_panic() {
 
 #[test]
 fn synthesize_returns_f32_audio_whatever_the_format() {
-    let (ctx, broker, endpoint) = inproc("synthesize");
-    let client = Client::connect_with_context(&ctx, &endpoint).unwrap();
-    let handle = std::thread::spawn(move || {
+    let (broker, client) = connect("synthesize");
+    let handle = broker.serve(move |broker| {
         // synthesize(): asks f32le, gets floats.
         let (id, service, body) = broker.recv_request();
         assert_eq!(service, "tts");
@@ -586,7 +501,6 @@ fn synthesize_returns_f32_audio_whatever_the_format() {
         broker.reply(&id, false, "tts", &[&body[0], b"mark", br#"{"segment":0,"end":3}"#]);
         broker.audio(&id, &body[0], 1, &[0x00, 0xc0]);
         broker.end(&id, &body[0]);
-        broker
     });
     let audio = client.synthesize("Olá.", "pt-BR").unwrap();
     assert_eq!(
