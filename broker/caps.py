@@ -3,7 +3,7 @@
 Capabilities are worker input like any other, so they are validated field by
 field when the worker registers: a READY whose ``protocol`` is ``tts/1`` must
 describe an engine the broker can route to, or the worker is disconnected.
-Routing reads only ``engine``, ``languages`` and ``voices``; ``pid`` and
+Routing reads ``engine``, ``languages``, ``voices`` and ``slots``; ``pid`` and
 ``host`` are shown in ``tts.status``; other keys (sample rate, device, …) are
 kept as informative, so that newer workers can announce more without
 breaking older brokers.
@@ -35,6 +35,8 @@ class EngineCaps(BaseModel):
     """Voice names a request may ask for (Piper voice, XTTS speakers)."""
     pid: Optional[int] = None
     host: Optional[str] = Field(default=None, max_length=255)
+    slots: int = Field(default=1, ge=1, le=64)
+    """Jobs the worker holds at once: the broker sends it up to this many REQUESTs before their FINALs."""
     request_keys: Optional[list[str]] = Field(default=None, max_length=MAX_NAMES)
     """Request keys this worker understands. A newer broker sends it only these, and
     refuses a request that needs another; absent: :data:`BASE_REQUEST_KEYS`."""

@@ -150,12 +150,13 @@ class Service:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    _logging("INFO")  # the default log_level, so lines logged while reading the config (the XTTS model found) are seen
     cfg = load_config(a.config)
+    logging.getLogger().setLevel(cfg.log_level)
     if a.frontend:
         cfg.broker.frontend = a.frontend
     if a.backend:
         cfg.broker.backend = a.backend
-    _logging(cfg.log_level)
     stop = False
 
     def on_signal(*_: object) -> None:

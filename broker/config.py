@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from engines import registry as engines
 from engines.registry import EngineOptions
+from models.registry import VoiceNotFound, coqui_xtts_v2_dir
 
 from .core import CoreSettings
 from .routing import Step, parse_step
@@ -81,6 +82,9 @@ class WorkerConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     count: int = Field(default=1, ge=0, le=64)
     """Worker processes to run for this entry."""
+    slots: Optional[int] = Field(default=None, ge=1, le=64)
+    """Requests each worker holds at once, spoken in turns by playback deadline; unset: the
+    engine's own default (Piper 4, XTTS 1)."""
     _options: EngineOptions = PrivateAttr()
 
     @field_validator("engine")
@@ -124,6 +128,7 @@ class Config(_Strict):
     use_xtts_fallback: bool = False
     """The original plan's keys: add an XTTS worker on ``xtts_model_path``…"""
     xtts_model_path: Optional[str] = None
+    """…or, when unset, on the model Coqui TTS already downloaded (``models.registry.coqui_xtts_v2_dir``)…"""
     xtts_use_gpu: bool = False
     """…on CUDA when true, else on the CPU."""
 
@@ -139,12 +144,13 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _legacy_xtts(self) -> "Config":
-        if self.use_xtts_fallback:
-            if not self.xtts_model_path:
-                raise ValueError("use_xtts_fallback needs xtts_model_path (no model is ever downloaded)")
-            if not any(w.engine == "xtts" for w in self.workers):
-                device = "cuda" if self.xtts_use_gpu else "cpu"
-                self.workers.append(WorkerConfig(engine="xtts", model_dir=self.xtts_model_path, device=device))
+        if self.use_xtts_fallback and not any(w.engine == "xtts" for w in self.workers):
+            try:
+                model_dir = self.xtts_model_path or str(coqui_xtts_v2_dir())
+            except VoiceNotFound as exc:
+                raise ValueError(f"use_xtts_fallback: {exc}") from None
+            device = "cuda" if self.xtts_use_gpu else "cpu"
+            self.workers.append(WorkerConfig(engine="xtts", model_dir=model_dir, device=device))
         return self
 
     def core_settings(self) -> CoreSettings:

@@ -14,12 +14,13 @@ Rules:
   keep state of its own about workers or requests.
 * A *job* is one client request. It is either waiting in ``self.waiting``
   (FIFO, bounded by ``max_queue``) or assigned to exactly one worker. A worker
-  holds at most one job. A job leaves the broker exactly once, through
-  :meth:`_finish`, which sends the client its FINAL (or nothing, when the
-  client is gone).
-* Workers are kept per service; idle ones sit in the service's ``idle`` deque
-  in least-recently-used order (dispatch takes from the left, a worker that
-  finishes goes to the right).
+  holds at most ``slots`` jobs (its capabilities say how many; 1 for a plain
+  MDP worker), each known by the address the broker gave it. A job leaves the
+  broker exactly once, through :meth:`_finish`, which sends the client its
+  FINAL (or nothing, when the client is gone).
+* Workers are kept per service; those with a free slot sit in the service's
+  ``idle`` deque in least-recently-used order. Dispatch takes the least loaded
+  of them (the leftmost on a tie); a worker that frees a slot goes to the right.
 * A job finished early (cancelled, its client gone, its id reused) stays
   attached to its worker, in state CANCELLING, until the worker's FINAL
   arrives, so a worker is never handed new work while it may still be
@@ -35,9 +36,10 @@ Rules:
 * Every request with a valid id counts once in ``requests`` and ends in
   exactly one of ``OUTCOMES``.
 * A worker is alive while any command from it arrived within
-  ``heartbeat * liveness``; a busy one is *stuck* when no reply came for
-  ``stuck_timeout``. A dead, disconnected, stuck, erring or garbling worker
-  *fails* its job (:meth:`_failover`); the job goes back to the front of the
+  ``heartbeat * liveness``; a busy one is *stuck* when no reply to any of its
+  jobs came for ``stuck_timeout``. A dead, disconnected, stuck or garbling
+  worker *fails* every job it holds, an erring one the job it erred on
+  (:meth:`_failover`); each job goes back to the front of the
   queue, excluded from the workers that already failed it, to be served by the
   next live worker of its chain (``broker/routing.py``), at most
   ``max_failovers`` times. A dead, stuck or garbling worker is also out of
@@ -224,8 +226,19 @@ class Worker:
     """Public id, assigned by the broker: what ``start`` and ``tts.status`` show."""
     caps: Optional[EngineCaps] = None
     """None for a plain MDP worker."""
-    job: Optional[Job] = None
+    jobs: dict[bytes, Job] = field(default_factory=dict)
+    """The jobs it holds, by key."""
+    progress: float = 0.0
+    """When it last replied to any job (or got one while holding none)."""
     served: int = 0
+
+    @property
+    def slots(self) -> int:
+        return self.caps.slots if self.caps is not None else 1
+
+    @property
+    def has_room(self) -> bool:
+        return len(self.jobs) < self.slots
 
 
 @dataclass(eq=False)
@@ -293,7 +306,7 @@ class BrokerCore:
             log.warning("worker %s (%s) expired: no heartbeat for %.2fs", w.label, w.service.name, self.expiry)
             self._remove_worker(w, "heartbeat lost", now, out)
         for w in list(self.workers.values()):
-            if w.job is not None and w.job.rid is not None and now - w.job.progress > self.s.stuck_timeout_s:
+            if any(j.rid is not None for j in w.jobs.values()) and now - w.progress > self.s.stuck_timeout_s:
                 self._reject(w, f"nothing for {self.s.stuck_timeout_s:g}s while busy (stuck)", now, out)
             elif w.heartbeat_due <= now:
                 w.heartbeat_due = now + self.s.heartbeat_s
@@ -339,7 +352,7 @@ class BrokerCore:
     def on_worker(self, identity: bytes, frames: list[bytes], now: float) -> list[Action]:
         self.now = now
         worker = self.workers.get(identity)
-        job = worker.job if worker is not None else None
+        job = worker.jobs.get(frames[2]) if worker is not None and len(frames) == 8 else None
         if (
             # The hot path, an audio chunk of the job the worker holds, checked
             # here without building a command object; anything else goes the long way.
@@ -357,7 +370,7 @@ class BrokerCore:
         ):
             assert worker is not None and job.stream is not None
             worker.expires = now + self.expiry
-            job.progress = now
+            job.progress = worker.progress = now
             job.replied = True
             return [Action(False, job.client, mdp.client_reply_frames(job.service, body, False)) for body in job.stream.audio(frames[7], now)]
         out: list[Action] = []
@@ -391,8 +404,8 @@ class BrokerCore:
             self._remove_worker(worker, "worker disconnected", now, out)
             return out
         if isinstance(cmd, mdp.WorkerReply):
-            job = worker.job
-            if job is None or cmd.address != job.key:
+            job = worker.jobs.get(cmd.address)
+            if job is None:
                 self._reject(worker, "reply for a job it does not hold", now, out)
                 return out
             if job.rid is None:
@@ -456,8 +469,8 @@ class BrokerCore:
             self._empty[svc.name] = svc
             if len(self._empty) > MAX_EMPTY_SERVICES:
                 self._forget(next(iter(self._empty.values())))
-        job, worker.job = worker.job, None
-        if job is not None:
+        jobs, worker.jobs = list(worker.jobs.values()), {}
+        for job in jobs:
             self._failover(job, worker, why, now, out)
         self._dispatch_waiting(out)
 
@@ -512,16 +525,26 @@ class BrokerCore:
         self.waiting.appendleft(job)
 
     def _worker_idle(self, worker: Worker, out: list[Action]) -> None:
-        """A worker is free: give it the oldest waiting job it can serve, else park it."""
-        for job in self.waiting:
+        """A worker has a free slot: fill its slots with the oldest waiting jobs it can serve, else park it."""
+        for job in list(self.waiting):
+            if not worker.has_room or self.workers.get(worker.identity) is not worker:
+                break
             if worker.identity in job.failed:
                 continue
             step = next((st for st in self._chain(job) if st.service == worker.service.name), None)
             if step is not None and self._fits(job, worker, step):
                 self.waiting.remove(job)
                 self._assign(job, worker, step, out)
-                return
-        worker.service.idle.append(worker)
+        self._park(worker)
+
+    @staticmethod
+    def _park(worker: Worker) -> None:
+        """Keep ``idle`` exact: a live worker with a free slot is in it once, at the right; any other is not."""
+        idle = worker.service.idle
+        if worker in idle:
+            idle.remove(worker)
+        if worker.has_room and worker.service.workers.get(worker.identity) is worker:
+            idle.append(worker)
 
     # ------------------------------------------------------------- relaying
 
@@ -539,7 +562,7 @@ class BrokerCore:
             return
         stream = job.stream
         assert stream is not None
-        job.progress = now
+        job.progress = worker.progress = now
         body = cmd.body
         send: list[list[bytes]] = []
         try:
@@ -560,7 +583,7 @@ class BrokerCore:
             elif isinstance(event, tts.Error) and event.code != tts.CANCELLED:
                 # The engine could not do it: let the next worker try.
                 log.warning("job %s: worker %s answered %s: %s", job.key.hex(), worker.label, event.code, event.message)
-                worker.job = None
+                del worker.jobs[job.key]
                 self._failover(job, worker, f"engine error {event.code}: {event.message}", now, out, (event.code, event.message))
                 self._worker_idle(worker, out)
                 self._dispatch_waiting(out)
@@ -588,7 +611,9 @@ class BrokerCore:
             out.append(Action(False, job.client, mdp.client_reply_frames(job.service, send[-1], False)))
 
     def _job_done(self, worker: Worker, job: Job, out: list[Action], final: Optional[list[bytes]], outcome: str) -> None:
-        worker.job = job.worker = None
+        del worker.jobs[job.key]
+        job.worker = None
+        worker.progress = self.now
         worker.served += 1
         self._finish(job, out, final, outcome)
         self._worker_idle(worker, out)
@@ -597,7 +622,7 @@ class BrokerCore:
         """The single exit of a job: forget it, count its outcome, send the client its FINAL body.
 
         A job already finished (cancelled, its client gone) is not counted again."""
-        held = job.worker is not None and job.worker.job is job
+        held = job.worker is not None and job.worker.jobs.get(job.key) is job
         if self.jobs.pop(job.key, None) is None:
             if job.state is CANCELLING and not held:
                 job.move(DONE)
@@ -735,10 +760,9 @@ class BrokerCore:
             svc = self.services.get(step.service)
             if svc is None:
                 continue
-            for worker in svc.idle:
-                if worker.identity not in job.failed and self._fits(job, worker, step):
-                    svc.idle.remove(worker)
-                    return worker, step
+            fit = [w for w in svc.idle if w.identity not in job.failed and self._fits(job, w, step)]
+            if fit:
+                return min(fit, key=lambda w: len(w.jobs)), step  # least loaded; min keeps the LRU order on ties
         return None
 
     def _dispatch_waiting(self, out: list[Action]) -> None:
@@ -752,7 +776,10 @@ class BrokerCore:
         job.move(ASSIGNED)
         job.worker = worker
         job.progress = self.now
-        worker.job = job
+        if not worker.jobs:
+            worker.progress = self.now
+        worker.jobs[job.key] = job
+        self._park(worker)
         body = job.body
         if job.rid is not None:
             try:
@@ -766,8 +793,9 @@ class BrokerCore:
                 else:
                     log.exception("job %s: cannot build the request for worker %s; ending it", job.key.hex(), worker.label)
                     final = tts.error_body(job.rid, tts.INTERNAL, "the broker could not forward this request")
-                worker.job = job.worker = None
-                worker.service.idle.append(worker)
+                del worker.jobs[job.key]
+                job.worker = None
+                self._park(worker)
                 self._finish(job, out, final, "errors")
                 return
         out.append(Action(True, worker.identity, mdp.WorkerRequest(job.key, body).frames()))
@@ -910,14 +938,16 @@ class BrokerCore:
                         "id": w.label,
                         "pid": w.caps.pid if w.caps else None,
                         "host": w.caps.host if w.caps else None,
-                        "busy": w.job is not None,
+                        "busy": bool(w.jobs),
+                        "jobs": len(w.jobs),
+                        "slots": w.slots,
                         "served": w.served,
                     }
                     for w in itertools.islice(svc.workers.values(), MAX_STATUS_WORKERS)
                 ],
                 "worker_count": len(svc.workers),
                 "idle": len(svc.idle),
-                "inflight": sum(1 for w in svc.workers.values() if w.job is not None),
+                "inflight": sum(len(w.jobs) for w in svc.workers.values()),
                 "failures": svc.failures,
                 "last_failure": svc.last_failure,
             }

@@ -82,6 +82,8 @@ def worker_argv(cfg: Config, w: WorkerConfig) -> list[str]:
         "--log-level", cfg.log_level,
         "--device", w.device,
     ]
+    if w.slots is not None:
+        argv += ["--slots", str(w.slots)]
     return argv + spec.argv(w.options, cfg.voice_dirs)
 
 

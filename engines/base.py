@@ -21,6 +21,10 @@ class Engine(abc.ABC):
     """Engine family: ``piper`` or ``xtts``."""
     native_rate: int
     """Rate of the float audio :meth:`speak` yields, in Hertz."""
+    slots: int = 1
+    """Jobs a worker holds at once by default, advanced in turns (``engines/schedule.py``).
+    More than one only where :meth:`speak` generators of several requests can be
+    interleaved on the one synthesis thread, and the engine is fast enough to feed them."""
 
     @property
     @abc.abstractmethod

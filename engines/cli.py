@@ -14,10 +14,18 @@ from engines.runtime import WorkerRuntime, synthesis_executor
 log = logging.getLogger("engines")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError("must be 1-64")
+    return value
+
+
 def worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="tcp://127.0.0.1:5556", help="broker backend endpoint")
     parser.add_argument("--heartbeat-ms", type=int, default=250, help="heartbeat interval (must match the broker)")
     parser.add_argument("--liveness", type=int, default=3, help="missed heartbeats before the broker counts as lost")
+    parser.add_argument("--slots", type=_positive, help="requests held at once, spoken in turns (default: the engine's own)")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -30,7 +38,9 @@ def run_worker(args: argparse.Namespace, load: Callable[[], Engine]) -> None:
     except Exception as exc:
         log.error("engine failed to start: %s", exc)
         sys.exit(2)
-    runtime = WorkerRuntime(engine, args.backend, heartbeat_s=args.heartbeat_ms / 1000, liveness=args.liveness, synthesis_thread=synth)
+    runtime = WorkerRuntime(
+        engine, args.backend, heartbeat_s=args.heartbeat_ms / 1000, liveness=args.liveness, slots=args.slots, synthesis_thread=synth
+    )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: runtime.stop())
     runtime.run()

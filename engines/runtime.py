@@ -1,15 +1,18 @@
 """The MDP/0.2 worker runtime shared by every engine.
 
-The socket loop runs on the main thread and never waits on synthesis: each
+The socket loop runs on the main thread and never waits on synthesis: every
 job runs on the one long-lived synthesis thread, which pushes ready-made
 reply bodies through an inproc PUSH/PULL pipe, so heartbeats keep flowing however long a sentence
 takes (onnxruntime and torch release the GIL while they compute). Cancel is a
 flag the synthesis thread checks between pieces of audio.
 
-A worker holds at most one job. It is busy from the broker's REQUEST until
-the synthesis thread's FINAL has been sent, and after losing the broker it
-re-registers only once the old thread has stopped, so two jobs never share a
-model.
+A worker holds up to ``slots`` jobs (announced in its capabilities; 1 unless
+the engine or its configuration says more). The synthesis thread advances them
+one piece of audio at a time, earliest playback deadline first
+(``engines/schedule.py``): one model, one thread, several streams. Each job is
+busy from the broker's REQUEST until its FINAL has been sent, and after losing
+the broker the worker re-registers only once the synthesis thread has let go
+of every old job, so no job of a lost connection shares the model with a new one.
 
 Everything that touches the model — loading it too — should run on that one
 thread (``run_worker`` does so): torch keeps an OpenMP thread team per calling
@@ -21,10 +24,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -34,6 +38,7 @@ from broker import mdp, tts
 from broker.caps import EngineCaps
 from engines.audio import ChunkEncoder
 from engines.base import Engine
+from engines.schedule import HasPlayback, Playback, next_up
 from engines.text import split_sentences
 
 log = logging.getLogger("engines.runtime")
@@ -47,13 +52,17 @@ class _Cancelled(Exception):
 
 
 @dataclass(eq=False)
-class _Job:
+class _Job(HasPlayback):
     address: bytes
     rid: bytes
     raw: bytes
     generation: int
+    playback: Playback
     cancel: threading.Event = field(default_factory=threading.Event)
-    done: Optional[Future[None]] = None
+    released: threading.Event = field(default_factory=threading.Event)
+    """Set once the synthesis thread has let go of it (its FINAL is in the pipe)."""
+    steps: Optional[Iterator[None]] = None
+    """Its synthesis, advanced one piece of audio per ``next()`` (synthesis thread only)."""
 
 
 def synthesis_executor() -> ThreadPoolExecutor:
@@ -72,6 +81,7 @@ class WorkerRuntime:
         heartbeat_s: float = 0.25,
         liveness: int = 3,
         max_text_chars: int = 100_000,
+        slots: Optional[int] = None,
         context: Optional[zmq.Context] = None,
         synthesis_thread: Optional[ThreadPoolExecutor] = None,
     ) -> None:
@@ -80,11 +90,16 @@ class WorkerRuntime:
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
         self.max_text_chars = max_text_chars
+        self.slots = slots or engine.slots
+        """Jobs held at once (the engine's default unless configured)."""
         self.ctx = context or zmq.Context.instance()
         self.stop_event = threading.Event()
         self._synth = synthesis_thread or synthesis_executor()
         self._generation = 0
-        self._job: Optional[_Job] = None
+        self._jobs: dict[bytes, _Job] = {}
+        """Jobs held, by the address the broker gave each (socket thread only)."""
+        self._incoming: queue.SimpleQueue[Optional[_Job]] = queue.SimpleQueue()
+        """New jobs for the synthesis thread; None stops it."""
         self._retrying = False  # reconnected, and no broker has answered since
         self._sock: Optional[zmq.Socket] = None
         self._pipe_addr = f"inproc://worker-pipe-{id(self)}"
@@ -103,7 +118,13 @@ class WorkerRuntime:
         sock.setsockopt(zmq.ROUTING_ID, f"{self.identity}/{self._generation}".encode())
         sock.connect(self.backend)
         caps = EngineCaps.model_validate(
-            {**self.engine.capabilities(), "pid": os.getpid(), "host": socket.gethostname(), "request_keys": sorted(tts.SynthesisRequest.model_fields)}
+            {
+                **self.engine.capabilities(),
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "request_keys": sorted(tts.SynthesisRequest.model_fields),
+                "slots": self.slots,
+            }
         )
         sock.send_multipart(mdp.WorkerReady(self.engine.service, caps.as_dict()).frames())
         self._sock = sock
@@ -116,8 +137,8 @@ class WorkerRuntime:
     def _reconnect(self, why: str) -> None:
         log.log(logging.DEBUG if self._retrying else logging.WARNING, "worker %s: %s; reconnecting", self.identity, why)
         self._retrying = True
-        self._stop_job(timeout=None)
-        self._job = None
+        self._stop_jobs(timeout=None)
+        self._jobs.clear()
         self._drain_pipe()
         self._connect()
 
@@ -130,6 +151,7 @@ class WorkerRuntime:
 
     def run(self) -> None:
         """Serve until :meth:`stop` (or SIGTERM, installed by the CLI)."""
+        self._synth.submit(self._synthesis_loop)
         self._connect()
         poller = zmq.Poller()
         poller.register(self._pipe, zmq.POLLIN)
@@ -160,20 +182,21 @@ class WorkerRuntime:
     def stop(self) -> None:
         self.stop_event.set()
 
-    def _stop_job(self, timeout: Optional[float]) -> None:
-        """Cancel the job in hand and wait for its synthesis thread to let go (it checks between chunks)."""
-        job = self._job
-        if job is None:
-            return
-        job.cancel.set()
-        if job.done is not None:
-            try:
-                job.done.result(timeout=timeout)
-            except TimeoutError:
+    def _stop_jobs(self, timeout: Optional[float]) -> None:
+        """Cancel the jobs in hand and wait for the synthesis thread to let go (it checks between pieces)."""
+        jobs = list(self._jobs.values())
+        for job in jobs:
+            job.cancel.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job in jobs:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not job.released.wait(left):
                 log.warning("worker %s: synthesis did not stop within %g s", self.identity, timeout)
+                return
 
     def _shutdown(self) -> None:
-        self._stop_job(timeout=5)
+        self._stop_jobs(timeout=5)
+        self._incoming.put(None)
         self._synth.shutdown(wait=False)
         if self._sock is not None:
             try:
@@ -186,20 +209,20 @@ class WorkerRuntime:
         log.info("worker %s: stopped", self.identity)
 
     def _drain_pipe(self) -> None:
-        """Forward what synthesis threads produced; drop what belongs to a lost connection."""
+        """Forward what the synthesis thread produced; drop what belongs to a lost connection."""
         while True:
             try:
                 msg = self._pipe.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            gen, kind, body = int(msg[0]), msg[1], msg[2:]
-            job = self._job
+            gen, address, kind, body = int(msg[0]), msg[1], msg[2], msg[3:]
+            job = self._jobs.get(address)
             if job is None or gen != job.generation:
                 continue
             final = kind == _FINAL
-            self._send(mdp.WorkerReply(job.address, body, final).frames())
+            self._send(mdp.WorkerReply(address, body, final).frames())
             if final:
-                self._job = None
+                del self._jobs[address]
 
     def _on_broker(self, frames: list[bytes]) -> None:
         self._broker_expires = time.monotonic() + self.heartbeat_s * self.liveness
@@ -217,35 +240,73 @@ class WorkerRuntime:
             self._reconnect("broker sent DISCONNECT")
             return
         assert isinstance(cmd, mdp.WorkerRequest)
-        job = self._job
         if cmd.body == [tts.WORKER_CANCEL]:
-            if job is not None and job.address == cmd.address:
+            job = self._jobs.get(cmd.address)
+            if job is not None:
                 log.info("worker %s: job %s cancelled", self.identity, cmd.address.hex())
                 job.cancel.set()
             return
         rid = cmd.body[0] if cmd.body else b"?"
-        if job is not None:
+        if len(self._jobs) >= self.slots or cmd.address in self._jobs:
             self._send(mdp.WorkerReply(cmd.address, tts.error_body(rid, tts.INTERNAL, "worker is busy"), True).frames())
             return
         if len(cmd.body) != 2:
             self._send(mdp.WorkerReply(cmd.address, tts.error_body(rid, tts.BAD_REQUEST, "expected request id and JSON"), True).frames())
             return
-        job = _Job(cmd.address, rid, cmd.body[1], self._generation)
-        self._job = job
-        job.done = self._synth.submit(self._synthesize, job)
+        job = _Job(cmd.address, rid, cmd.body[1], self._generation, Playback(time.monotonic()))
+        self._jobs[cmd.address] = job
+        self._incoming.put(job)
 
     # ------------------------------------------------------------ synthesis
 
-    def _synthesize(self, job: _Job) -> None:
+    def _synthesis_loop(self) -> None:
+        """The synthesis thread: advance the jobs in hand, earliest deadline first, until stopped."""
         push = self.ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, -1)
         push.connect(self._pipe_addr)
-        gen = str(job.generation).encode()
+        active: list[_Job] = []
+        try:
+            while True:
+                while True:  # take every new job; wait for one only when there is nothing to do
+                    try:
+                        job = self._incoming.get(block=not active)
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        return
+                    job.steps = self._steps(job, push)
+                    active.append(job)
+                # A cancelled job goes first: its next step only says so.
+                job = next((j for j in active if j.cancel.is_set()), None) or next_up(active)
+                assert job.steps is not None
+                try:
+                    next(job.steps)
+                except StopIteration:
+                    active.remove(job)
+                    job.released.set()
+        except Exception:  # a bug here must not leave the socket thread waiting for ever
+            log.exception("worker %s: synthesis loop failed", self.identity)
+            raise
+        finally:
+            while True:  # jobs not yet taken, too: nobody else would ever release them
+                try:
+                    late = self._incoming.get(block=False)
+                except queue.Empty:
+                    break
+                if late is not None:
+                    active.append(late)
+            for job in active:
+                job.released.set()
+            push.close()
+
+    def _steps(self, job: _Job, push: zmq.Socket) -> Iterator[None]:
+        """One job's synthesis, yielding after each piece of audio the engine makes."""
+        head = [str(job.generation).encode(), job.address]
 
         def emit(kind: bytes, body: list[bytes]) -> None:
-            push.send_multipart([gen, kind, *body], copy=False)
+            push.send_multipart([*head, kind, *body], copy=False)
 
-        t0 = time.monotonic()
+        t0 = job.playback.arrived
         try:
             request = tts.parse_request(job.raw, self.max_text_chars)
             self.engine.check(request)
@@ -269,13 +330,18 @@ class WorkerRuntime:
                     if job.cancel.is_set():
                         raise _Cancelled
                     emit(_PARTIAL, tts.Audio(seq, pcm).body(job.rid))
-                    first = first or time.monotonic()
+                    now = time.monotonic()
+                    first = first or now
+                    job.playback.sent(len(pcm) / width / rate, now)
                     seq += 1
                     samples += len(pcm) // width
 
             for lo, hi in split_sentences(request.text, self.engine.max_chars(request.language)):
                 for audio in self.engine.speak(request.text[lo:hi], request):
                     send(encoder.push(audio))
+                    yield  # let a job whose listener needs audio sooner go first
+                    if job.cancel.is_set():
+                        raise _Cancelled
                 send(encoder.end_segment())
                 # Everything before `hi` has been sent: a failover resumes here.
                 emit(_PARTIAL, tts.Mark(hi).body(job.rid))
@@ -297,5 +363,3 @@ class WorkerRuntime:
         except Exception as exc:  # an engine bug must not kill the worker
             log.exception("worker %s: synthesis failed", self.identity)
             emit(_FINAL, tts.error_body(job.rid, tts.INTERNAL, f"{type(exc).__name__}: {exc}"))
-        finally:
-            push.close()

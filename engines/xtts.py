@@ -33,12 +33,12 @@ import soxr
 
 from broker.tts import BAD_REQUEST, RequestError, SynthesisRequest, normalize_language
 from engines.base import Engine
+from models.registry import XTTS_FILES as REQUIRED_FILES
 from models.registry import cache_dir as models_cache_dir
 from models.registry import file_digest
 
 log = logging.getLogger("engines.xtts")
 
-REQUIRED_FILES = ("model.pth", "config.json", "vocab.json")
 NATIVE_RATE = 24000
 """XTTS v2 decodes at 24 kHz."""
 _COND_RATE = 22050

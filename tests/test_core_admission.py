@@ -158,7 +158,7 @@ def test_bad_tts_request_gets_final_error(body: list[bytes], code: str) -> None:
     out = rig.core.on_client(C1, [b"MDPC02", b"\x01", b"tts", *body], 0.0)
     rid, ev = only_final(out, C1)
     assert rid == b"a" and isinstance(ev, tts.Error) and ev.code == code
-    assert not rig.core.jobs and rig.core.workers[W1].job is None
+    assert not rig.core.jobs and not rig.core.workers[W1].jobs
 
 
 @pytest.mark.parametrize("rid", [b"", b"x" * 256])

@@ -46,7 +46,7 @@ def test_request_goes_to_the_idle_worker() -> None:
     assert sent["text"] == "Hi."
     assert sent["language"] == "en"  # the engine's own code
     assert to_client(out, C1) == []
-    assert rig.core.workers[W1].job is not None
+    assert rig.core.workers[W1].jobs
 
 
 def test_lru_dispatch_across_two_workers() -> None:

@@ -361,14 +361,20 @@ class BrokerMachine(RuleBasedStateMachine):
             self._apply(out)
 
     def _busy(self) -> list[bytes]:
-        return sorted(i for i, w in self.core.workers.items() if w.job is not None)
+        return sorted(i for i, w in self.core.workers.items() if w.jobs)
+
+    def _job_of(self, ident: bytes) -> Any:
+        """The job a worker of this machine holds (they announce one slot: the broker gives them one job)."""
+        jobs = list(self.core.workers[ident].jobs.values())
+        assert len(jobs) <= 1, "a one-slot worker holds several jobs"
+        return jobs[0] if jobs else None
 
     def _holds(self, ident: bytes, job: Any) -> bool:
         w = self.core.workers.get(ident)
-        return w is not None and w.job is job
+        return w is not None and w.jobs.get(job.key) is job
 
     def _reply(self, ident: bytes, kind: str, final: bool, nbytes: int) -> None:
-        job = self.core.workers[ident].job
+        job = self._job_of(ident)
         assert job is not None
         k = job.key
         if job.rid is None:  # opaque: anything goes, relayed verbatim
@@ -416,7 +422,7 @@ class BrokerMachine(RuleBasedStateMachine):
     def worker_streams(self, data: st.DataObject, final: bool, nbytes: int) -> None:
         """A busy worker does the next sensible thing: start, audio, mark, or finish."""
         ident = data.draw(st.sampled_from(self._busy()), label="worker")
-        job = self.core.workers[ident].job
+        job = self._job_of(ident)
         assert job is not None
         if job.rid is not None and job.state is ASSIGNED:
             kind = "start_ok"
@@ -435,7 +441,7 @@ class BrokerMachine(RuleBasedStateMachine):
     def busy_worker_fails(self, data: st.DataObject, how: str) -> None:
         """A worker fails in the middle of a job: its job must fail over, invisibly or with a resume."""
         ident = data.draw(st.sampled_from(self._busy()), label="worker")
-        job = self.core.workers[ident].job
+        job = self._job_of(ident)
         assert job is not None
         if how == "disconnect":
             self._worker(ident, DISCONNECT)
@@ -470,18 +476,19 @@ class BrokerMachine(RuleBasedStateMachine):
     @invariant()
     def structure(self) -> None:
         core = self.core
-        held = [w.job for w in core.workers.values() if w.job is not None]
+        held = [j for w in core.workers.values() for j in w.jobs.values()]
         assert len({id(j) for j in held}) == len(held), "a job is held by two workers"
         for ident, w in core.workers.items():
             assert w.identity == ident
             assert core.services[w.service.name] is w.service and w.service.workers.get(ident) is w
             in_idle = w in w.service.idle
-            assert (w.job is None) == in_idle, f"worker {ident!r} is neither busy nor idle (or both)"
-            if w.job is not None:
-                assert w.job.worker is w
+            assert len(w.jobs) <= w.slots, f"worker {ident!r} holds more jobs than it has slots"
+            assert (len(w.jobs) < w.slots) == in_idle, f"worker {ident!r} has a free slot but is not idle (or is full and idle)"
+            for key, job in w.jobs.items():
+                assert job.key == key and job.worker is w
                 # A job its worker holds is live, or finished for the client and waiting for the worker to let go.
-                assert (w.job.state is CANCELLING) == (core.jobs.get(w.job.key) is not w.job), w.job.state
-                assert ident not in w.job.failed, "a job went back to a worker that failed it"
+                assert (job.state is CANCELLING) == (core.jobs.get(job.key) is not job), job.state
+                assert ident not in job.failed, "a job went back to a worker that failed it"
         for svc in core.services.values():
             assert len(set(map(id, svc.idle))) == len(svc.idle)
             for w in svc.idle:
@@ -505,7 +512,7 @@ class BrokerMachine(RuleBasedStateMachine):
             assert j.key == key and j.state in (WAITING, ASSIGNED, STREAMING)
             assert (id(j) in waiting_ids) != (j.worker is not None)
             if j.worker is not None:
-                assert j.worker.job is j and core.workers.get(j.worker.identity) is j.worker
+                assert j.worker.jobs.get(j.key) is j and core.workers.get(j.worker.identity) is j.worker
             if j.rid is not None:
                 assert core.by_client.get((j.client, j.rid)) is j
                 assert j.stream is not None and (j.stream.held_start is None or not j.stream.started)

@@ -116,7 +116,7 @@ def test_unknown_voice_is_bad_request_immediately() -> None:
     assert error_code(out, C1) == tts.BAD_REQUEST
     _, ev = only_final(out, C1)
     assert "xx_XX-nobody-low" in ev.message and "en_US-joe-medium" in ev.message
-    assert not rig.core.jobs and rig.core.workers[W1].job is None
+    assert not rig.core.jobs and not rig.core.workers[W1].jobs
 
 
 def test_configured_voice_may_wait_for_its_worker() -> None:

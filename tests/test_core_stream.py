@@ -112,7 +112,7 @@ def test_end_gains_broker_statistics() -> None:
     assert ev.stats["chunks"] == 2
     assert ev.stats["segments"] == 0 and ev.stats["failovers"] == 0
     # The worker is free again and the job is gone.
-    assert rig.core.workers[W1].job is None
+    assert not rig.core.workers[W1].jobs
     assert rig.core.services[SVC_EN].idle[0].identity == W1
     assert not rig.core.jobs and not rig.core.by_client and not rig.core.inflight
 
@@ -164,7 +164,7 @@ def test_worker_error_event_is_relayed_as_final_when_no_other_worker_exists() ->
     out = rig.core.on_worker(W1, error(k, b"a", tts.BAD_REQUEST, "no such voice"), 0.2)
     _, ev = only_final(out, C1)
     assert ev == tts.Error(tts.BAD_REQUEST, "no such voice")
-    assert rig.core.workers[W1].job is None
+    assert not rig.core.workers[W1].jobs
     assert not disconnected(out, W1)
     assert not rig.core.jobs and not rig.core.waiting
     # An erring worker stays in rotation for other jobs.
@@ -235,7 +235,7 @@ def test_cancel_before_any_reply_keeps_worker_until_final() -> None:
     k = job_key(rig.request(C1, b"a"), W1)
     out = rig.core.on_client(C1, cancel(b"a"), 0.1)
     assert error_code([a for a in out if a.frames[2] == b"tts"], C1) == tts.CANCELLED
-    assert rig.core.workers[W1].job is not None  # still attached until FINAL
+    assert rig.core.workers[W1].jobs  # still attached until FINAL
     assert rig.core.workers[W1] not in rig.core.services[SVC_EN].idle
     out = rig.core.on_worker(W1, end(k, b"a"), 0.2)
     assert out == []

@@ -219,7 +219,7 @@ def test_standalone_xtts_worker_behind_standalone_broker(tiny_xtts: Path, tmp_pa
         assert [p.wait(30) for p in procs] == [0, 0]
 
 
-def test_legacy_config_keys(tmp_path: Path, tiny_xtts: Path) -> None:
+def test_legacy_config_keys(tmp_path: Path, tiny_xtts: Path, coqui_caches: tuple[Path, Path]) -> None:
     from broker.config import ConfigError, load_config
 
     p = tmp_path / "c.toml"
@@ -232,3 +232,183 @@ def test_legacy_config_keys(tmp_path: Path, tiny_xtts: Path) -> None:
     p.write_text('[[workers]]\nengine = "xtts"\n')
     with pytest.raises(ConfigError, match="needs model_dir"):
         load_config(p)
+    # An xtts worker already configured: the legacy keys add none, so no model is looked for.
+    p.write_text(f'use_xtts_fallback = true\n[[workers]]\nengine = "xtts"\nmodel_dir = "{tiny_xtts}"\n')
+    assert [w.engine for w in load_config(p).workers] == ["xtts"]
+
+
+# --------------------------------------------------------------------------
+# use_xtts_fallback without xtts_model_path: the model Coqui TTS downloaded
+# --------------------------------------------------------------------------
+
+COQUI_XTTS = "tts_models--multilingual--multi-dataset--xtts_v2"
+HUB_REPO = "models--tts-hub--XTTS-v2"
+CHECKPOINT = ("model.pth", "config.json", "vocab.json", "speakers_xtts.pth")
+
+
+@pytest.fixture
+def coqui_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """Empty TTS_HOME and HF_HUB_CACHE (both win over every other variable), so the user's own caches never count."""
+    tts_home, hub = tmp_path / "tts_home", tmp_path / "hf_hub"
+    monkeypatch.setenv("TTS_HOME", str(tts_home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    return tts_home, hub
+
+
+def _place(src: Path, dest: Path, *, without: str = "") -> Path:
+    """The tiny checkpoint's files at ``dest`` (symbolic links, as in the Hugging Face cache), less ``without``."""
+    dest.mkdir(parents=True)
+    for name in CHECKPOINT:
+        if name != without:
+            (dest / name).symlink_to(src / name)
+    return dest
+
+
+def _place_in_hub(src: Path, hub: Path, *, without: str = "", commit: str = "0123abcd" * 5) -> Path:
+    """What snapshot_download leaves: refs/main naming a commit, the files under snapshots/COMMIT."""
+    (hub / HUB_REPO / "refs").mkdir(parents=True)
+    (hub / HUB_REPO / "refs" / "main").write_text(commit)  # no newline, as huggingface_hub writes it
+    return _place(src, hub / HUB_REPO / "snapshots" / commit, without=without)
+
+
+def _fallback_config(tmp_path: Path, extra: str = "") -> Path:
+    p = tmp_path / "fallback.toml"
+    p.write_text(f"use_xtts_fallback = true\n{extra}")
+    return p
+
+
+def test_fallback_without_path_uses_the_model_in_coqui_tts_home(
+    tmp_path: Path, tiny_xtts: Path, coqui_caches: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    from broker.config import load_config
+
+    tts_home, _ = coqui_caches
+    model = _place(tiny_xtts, tts_home / "tts" / COQUI_XTTS)
+    with caplog.at_level("INFO", logger="models.registry"):
+        cfg = load_config(_fallback_config(tmp_path))
+    assert [(w.engine, w.device) for w in cfg.workers] == [("piper", "auto"), ("xtts", "cpu")]
+    assert cfg.workers[1].model_dir == str(model)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "models.registry"]
+    assert line.startswith(f"XTTS v2 model: {model} (Coqui TTS model folder, from $TTS_HOME")
+
+
+def test_fallback_without_path_uses_the_hugging_face_snapshot_coqui_tts_0_28_made(
+    tmp_path: Path, tiny_xtts: Path, coqui_caches: tuple[Path, Path]
+) -> None:
+    """coqui-tts 0.28 fetches xtts_v2 into the HF hub cache; its own folder keeps only the licence agreement."""
+    from broker.config import load_config
+
+    tts_home, hub = coqui_caches
+    (tts_home / "tts" / COQUI_XTTS).mkdir(parents=True)
+    (tts_home / "tts" / COQUI_XTTS / "tos_agreed.txt").write_text("I have read, understood and agreed to the Terms and Conditions.")
+    snapshot = _place_in_hub(tiny_xtts, hub)
+    cfg = load_config(_fallback_config(tmp_path, "xtts_use_gpu = true\n"))
+    assert [(w.engine, w.device, w.model_dir) for w in cfg.workers[1:]] == [("xtts", "cuda", str(snapshot))]
+    # Both complete: Coqui TTS's own folder comes first.
+    (tts_home / "tts" / COQUI_XTTS).rename(tmp_path / "tos-only")
+    first = _place(tiny_xtts, tts_home / "tts" / COQUI_XTTS)
+    assert load_config(_fallback_config(tmp_path)).workers[1].model_dir == str(first)
+    # An explicit path wins over any cache.
+    assert load_config(_fallback_config(tmp_path, 'xtts_model_path = "/explicit"\n')).workers[1].model_dir == "/explicit"
+
+
+def test_empty_caches_fail_at_start_up_naming_every_place(tmp_path: Path, coqui_caches: tuple[Path, Path]) -> None:
+    tts_home, hub = coqui_caches
+    r = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "serve", "--config", str(_fallback_config(tmp_path))],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2, r.stderr  # as every other configuration error
+    assert "xtts_model_path is not set" in r.stderr and "nothing is ever downloaded" in r.stderr
+    assert f"{tts_home / 'tts' / COQUI_XTTS} (Coqui TTS model folder, from $TTS_HOME): does not exist" in r.stderr
+    assert f"{hub / HUB_REPO} (Hugging Face hub cache, from $HF_HUB_CACHE): does not exist" in r.stderr
+    assert "started worker" not in r.stderr and not tts_home.exists() and not hub.exists()  # nothing spawned, nothing written
+
+
+def test_incomplete_cached_models_are_named_with_their_missing_files(
+    tmp_path: Path, tiny_xtts: Path, coqui_caches: tuple[Path, Path]
+) -> None:
+    from broker.config import ConfigError, load_config
+
+    tts_home, hub = coqui_caches
+    coqui = _place(tiny_xtts, tts_home / "tts" / COQUI_XTTS, without="vocab.json")
+    snapshot = _place_in_hub(tiny_xtts, hub, without="speakers_xtts.pth")
+    with pytest.raises(ConfigError) as err:
+        load_config(_fallback_config(tmp_path))
+    assert f"{coqui} (Coqui TTS model folder, from $TTS_HOME): missing vocab.json\n" in str(err.value)
+    assert f"{snapshot} (Hugging Face hub cache, from $HF_HUB_CACHE): missing speakers_xtts.pth\n" in str(err.value)
+    # A repository folder whose download never recorded refs/main.
+    (hub / HUB_REPO / "refs" / "main").unlink()
+    with pytest.raises(ConfigError) as err:
+        load_config(_fallback_config(tmp_path))
+    assert f"{hub / HUB_REPO} (Hugging Face hub cache, from $HF_HUB_CACHE): has no refs/main snapshot" in str(err.value)
+    # A dangling link (the blob it points to is gone) is a missing file too.
+    (coqui / "vocab.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(ConfigError) as err:
+        load_config(_fallback_config(tmp_path))
+    assert f"{coqui} (Coqui TTS model folder, from $TTS_HOME): missing vocab.json\n" in str(err.value)
+
+
+_MIRROR_CHECK = r"""
+import importlib, json, os, sys, tempfile
+from pathlib import Path
+import huggingface_hub.constants as hf
+from trainer.io import get_user_data_dir
+from models.registry import coqui_xtts_v2_dir
+
+VARS = ("TTS_HOME", "XDG_DATA_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")
+for names in json.loads(sys.argv[1]):
+    root = Path(tempfile.mkdtemp())
+    for v in VARS:
+        os.environ.pop(v, None)
+    os.environ["HOME"] = str(root / "home")
+    for v in names:
+        os.environ[v] = str(root / v.lower())
+    importlib.reload(hf)  # its paths are read from the environment at import
+    coqui = get_user_data_dir("tts") / "tts_models--multilingual--multi-dataset--xtts_v2"
+    hub = Path(hf.HF_HUB_CACHE) / "models--tts-hub--XTTS-v2"
+    (hub / "refs").mkdir(parents=True)
+    (hub / "refs" / "main").write_text("c0ffee")
+    for where in (coqui, hub / "snapshots" / "c0ffee"):
+        where.mkdir(parents=True)
+        for f in ("model.pth", "config.json", "vocab.json", "speakers_xtts.pth"):
+            (where / f).touch()
+        found = coqui_xtts_v2_dir()
+        assert found.resolve() == where.resolve(), (names, str(found), str(where))
+        for f in where.iterdir():
+            f.unlink()
+print("mirrored")
+"""
+
+
+def test_lookup_mirrors_coqui_tts_and_huggingface_hub() -> None:
+    """The places looked at are those the installed coqui-tts and huggingface_hub compute, whatever the environment."""
+    pytest.importorskip("trainer.io")
+    cases = [
+        [],
+        ["TTS_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME"],
+        ["XDG_DATA_HOME", "HF_HOME", "XDG_CACHE_HOME"],
+        ["HUGGINGFACE_HUB_CACHE", "HF_HOME"],
+        ["HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TTS_HOME"],
+    ]
+    r = subprocess.run([sys.executable, "-c", _MIRROR_CHECK, json.dumps(cases)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "mirrored" in r.stdout, r.stderr[-3000:]
+
+
+def test_fallback_worker_loads_the_cached_model(tmp_path: Path, tiny_xtts: Path, coqui_caches: tuple[Path, Path]) -> None:
+    """``use_xtts_fallback = true`` and nothing else: the XTTS worker comes up on the model in TTS_HOME and speaks."""
+    tts_home, _ = coqui_caches
+    model = _place(tiny_xtts, tts_home / "tts" / COQUI_XTTS)
+    s = start_serve(tmp_path, f'[[workers]]\nvoice = "{EN_VOICE}"\ncount = 0\n', top="use_xtts_fallback = true")
+    try:
+        wait_services(s.frontend, ["xtts"])
+        c = s.client()
+        pt = c.request(b"pt", {"text": "Olá.", "language": "pt"})
+        c.wait(pt, timeout=60)
+        assert pt.names()[-1] == b"end" and pt.json_of(b"start")["engine"] == "xtts"
+        c.close()
+    finally:
+        assert stop_serve(s) == 0, s.log_text()[-3000:]
+    log = s.log_text()
+    assert f"XTTS v2 model: {model} (Coqui TTS model folder, from $TTS_HOME; xtts_model_path not set)" in log
+    assert f"loading XTTS v2 from {model}" in log

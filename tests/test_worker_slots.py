@@ -1,0 +1,152 @@
+"""A worker holding several jobs (``slots``): the runtime speaks them in turns, earliest
+playback deadline first, each job's replies, cancel and sequence numbers its own.
+
+The broker here is a bare ROUTER speaking MDP/0.2 by hand, so only the worker runtime is
+under test; the engine is a fixture that makes 0.1 s of silence per piece, slowly enough
+that a second request arrives while the first is still being spoken."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Iterator
+
+import numpy as np
+import pytest
+import zmq
+
+from broker import mdp, tts
+from broker.tts import SynthesisRequest
+from engines.base import Engine
+from engines.runtime import WorkerRuntime
+from engines.schedule import Playback, next_up
+from tests.conftest import free_port
+
+RATE = 16000
+
+
+class _Pieces(Engine):
+    """A test engine: ``N pieces`` speaks N pieces of 0.1 s of silence, each after a short pause."""
+
+    engine = "piper"
+    native_rate = RATE
+    service = "pieces"
+    slots = 2
+
+    def languages(self) -> list[str]:
+        return ["en"]
+
+    def voices(self) -> list[str]:
+        return ["pieces"]
+
+    def voice_for(self, request: SynthesisRequest) -> str:
+        return "pieces"
+
+    def speak(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
+        for _ in range(int(text.split()[0])):
+            time.sleep(0.01)
+            yield np.zeros(RATE // 10, dtype=np.float32)
+
+
+class _Broker:
+    """The broker side of one worker, by hand."""
+
+    def __init__(self) -> None:
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.bind(self.endpoint)
+        self.runtime = WorkerRuntime(_Pieces(), self.endpoint, heartbeat_s=0.5, liveness=20)
+        self.thread = threading.Thread(target=self.runtime.run)
+        self.thread.start()
+        assert self.sock.poll(10_000)
+        self.worker, *ready = self.sock.recv_multipart()
+        self.ready = mdp.decode_worker(ready)
+
+    def request(self, key: bytes, text: str) -> None:
+        body = [key, json.dumps({"text": text, "format": "s16le", "chunk_ms": 100}).encode()]
+        self.sock.send_multipart([self.worker, *mdp.WorkerRequest(key, body).frames()])
+
+    def cancel(self, key: bytes) -> None:
+        self.sock.send_multipart([self.worker, *mdp.WorkerRequest(key, [tts.WORKER_CANCEL]).frames()])
+
+    def replies(self) -> Iterator[tuple[bytes, bool, tts.Event]]:
+        """(job, final, event) as they come; heartbeats answered, skipped."""
+        while True:
+            assert self.sock.poll(20_000), "the worker went quiet"
+            _, *frames = self.sock.recv_multipart()
+            cmd = mdp.decode_worker(frames)
+            if isinstance(cmd, mdp.WorkerHeartbeat):
+                self.sock.send_multipart([self.worker, *mdp.HEARTBEAT_FRAMES])
+                continue
+            assert isinstance(cmd, mdp.WorkerReply), cmd
+            _, event = tts.decode_event(cmd.body)
+            yield cmd.address, cmd.final, event
+
+    def close(self) -> None:
+        self.runtime.stop()
+        self.thread.join(10)
+        self.sock.close(linger=0)
+
+
+@pytest.fixture
+def broker() -> Iterator[_Broker]:
+    b = _Broker()
+    yield b
+    b.close()
+
+
+def test_the_worker_announces_its_slots(broker: _Broker) -> None:
+    assert isinstance(broker.ready, mdp.WorkerReady)
+    assert broker.ready.capabilities is not None and broker.ready.capabilities["slots"] == 2
+
+
+def test_a_short_line_is_spoken_while_a_long_one_is_still_going(broker: _Broker) -> None:
+    broker.request(b"A", "60 pieces")
+    log: list[tuple[bytes, bool, tts.Event]] = []
+    for reply in broker.replies():
+        log.append(reply)
+        if reply[0] == b"A" and isinstance(reply[2], tts.Audio):
+            broker.request(b"B", "2 pieces")  # A has audio in hand; B has none
+            break
+    for reply in broker.replies():
+        log.append(reply)
+        if sum(final for _, final, _ in log) == 2:
+            break
+    order = [(job, type(ev).__name__) for job, _, ev in log]
+    b_end = order.index((b"B", "End"))
+    assert order[-1] == (b"A", "End") and b_end < len(order) - 1, "B waited for the whole of A"
+    assert any(job == b"A" and kind == "Audio" for job, kind in order[b_end:]), "A did not go on after B"
+    for job, pieces in ((b"A", 60), (b"B", 2)):
+        seqs = [ev.seq for j, _, ev in log if j == job and isinstance(ev, tts.Audio)]
+        assert seqs == list(range(pieces)), f"job {job!r}: {seqs}"
+
+
+def test_a_request_beyond_the_slots_is_refused_and_cancel_touches_one_job(broker: _Broker) -> None:
+    broker.request(b"A", "40 pieces")
+    broker.request(b"B", "40 pieces")
+    broker.request(b"C", "1 pieces")
+    broker.cancel(b"B")
+    finals: dict[bytes, tts.Event] = {}
+    for job, final, event in broker.replies():
+        if final:
+            finals[job] = event
+        if len(finals) == 3:
+            break
+    assert isinstance(finals[b"C"], tts.Error) and "busy" in finals[b"C"].message
+    assert isinstance(finals[b"B"], tts.Error) and finals[b"B"].code == tts.CANCELLED
+    assert isinstance(finals[b"A"], tts.End)
+
+
+def test_earliest_deadline_first() -> None:
+    class J:
+        def __init__(self, playback: Playback) -> None:
+            self.playback = playback
+
+    streaming = J(Playback(arrived=0.0, first=1.0, audio_s=5.0))  # its listener runs dry at 6.0
+    behind = J(Playback(arrived=0.0, first=1.0, audio_s=0.5))  # …at 1.5
+    new = J(Playback(arrived=2.0))  # no audio yet: due now
+    newer = J(Playback(arrived=3.0))
+    assert next_up([streaming, new, newer]) is new
+    assert next_up([streaming, newer, behind, new]) is behind
+    assert next_up([streaming]) is streaming
