@@ -3,20 +3,22 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install --quiet -c constraints.txt
-# rustup installs cargo here; the Rust client's interop test needs it.
-export PATH := $(HOME)/.cargo/bin:$(PATH)
+PIP := $(PY) -m pip install -c constraints.txt
+# The Rust client's tests build with Debian's toolchain, which `rust-deps` installs
+# (scripts/install-rust-deps.sh), whatever else is on PATH.
 
 .PHONY: setup demo test bench rust-deps clean
 
 $(VENV)/.base: pyproject.toml constraints.txt
+	@echo "[setup] creating $(VENV) and installing the Piper path (piper-tts, onnxruntime, pyzmq …)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PIP) -e .
+	$(PIP) --progress-bar on -e .
 	touch $@
 
 $(VENV)/.full: $(VENV)/.base
-	$(PIP) -e '.[test,xtts,bench]'
+	@echo "[setup] installing the XTTS extra (torch, coqui-tts: the largest download), tests and benchmark tools"
+	$(PIP) --progress-bar on -e '.[test,xtts,bench]'
 	touch $@
 
 rust-deps:

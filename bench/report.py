@@ -77,7 +77,7 @@ def _table(results: dict[str, Any], goals: dict[str, tuple[str, float]]) -> str:
         "|---|---|---|---|",
     ]
     for key, (op, goal) in goals.items():
-        if key not in h:
+        if h.get(key) is None:
             continue  # a step skipped in this run
         lines.append(f"| `{key}` | {h[key]} | {op} {goal:g} | {'yes' if h['goals_met'][key] else '**no**'} |")
     lines += [
@@ -142,7 +142,69 @@ def _table(results: dict[str, Any], goals: dict[str, tuple[str, float]]) -> str:
         "(bounded by `client_hwm` messages per client; their streams are cancelled).",
         "",
     ]
+    if "rust_client" in results:
+        rc = results["rust_client"]
+        lines += [
+            "## Rust async client",
+            "",
+            f"- Time to first audio of the passage through the Rust async client ({rc['rust_ttfa_ms']} ms) ÷ the Python client "
+            f"({rc['python_ttfa_ms']} ms), same broker, interleaved: **{rc['rust_ttfa_ratio']}**.",
+            f"- 8 streams at once through one Rust handle: first audio p50 {rc['rust_8_streams_ttfa_ms']['p50']} ms, "
+            f"p99 {rc['rust_8_streams_ttfa_ms']['p99']} ms ({rc['rust_8_streams_ttfa_ms']['count']} streams).",
+            "",
+        ]
+    if "peer" in results:
+        lines += _peer_lines(results["peer"])
     return "\n".join(lines)
+
+
+def _table_scene(p: dict[str, Any], path: Path) -> None:
+    """First audio of each NPC line in the table scene, against the same line alone, per server."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, color, dx in (("ours", "tab:blue", -0.2), ("wyoming", "tab:gray", 0.2)):
+        firsts = p[f"table_{name}_npc_first_ms"]
+        ax.bar([i + dx for i in range(len(firsts))], firsts, 0.4, color=color, label=f"{name}: NPC line during the narration")
+        ax.axhline(p[f"table_{name}_npc_solo_first_ms"], color=color, linestyle="--", label=f"{name}: the line alone (median)")
+    ax.set_xlabel("NPC line (0.3, 0.6, 0.9 s into the narration; every run)")
+    ax.set_ylabel("time to first audio, ms")
+    ax.set_title("Table scene: NPC lines while the narrator speaks")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _peer_lines(p: dict[str, Any]) -> list[str]:
+    def row(case: str, what: str, ours: Any, theirs: Any, ratio: Any) -> str:
+        return f"| {case} | {what} | {ours} | {theirs} | {ratio} |"
+
+    q = p["peer"]
+    return [
+        "## Side by side with wyoming-piper (same voice, same run)",
+        "",
+        f"Default `tts-broker serve` (workers: {p['workers']}) against wyoming-piper 2.5.2 with its defaults, "
+        f"{p['reps']} interleaved repetitions (the short line three times as many), {p['loads']} runs of each load.",
+        "",
+        "| case | figure | ours | wyoming-piper | ratio |",
+        "|---|---|---|---|---|",
+        row("47-word sentence", "first audio p50 ms", p["long_ours_first_ms"]["p50"], p["long_wyoming_first_ms"]["p50"], q["peer_long_first_ratio"]),
+        row("3-sentence passage", "first audio p50 ms", p["passage_ours_first_ms"]["p50"], p["passage_wyoming_first_ms"]["p50"], q["peer_passage_first_ratio"]),
+        row("\"Halt! Who goes there?\"", "first audio p50 ms", p["short_ours_first_ms"]["p50"], p["short_wyoming_first_ms"]["p50"], q["peer_short_first_p50_ratio"]),
+        row("\"Halt! Who goes there?\"", "first audio p90 ms", p["short_ours_first_ms"]["p90"], p["short_wyoming_first_ms"]["p90"], q["peer_short_first_p90_ratio"]),
+        row("47-word sentence", "last audio p50 ms", p["long_ours_last_ms"], p["long_wyoming_last_ms"], q["peer_long_last_ratio"]),
+        row("passage", "last audio p50 ms", p["passage_ours_last_ms"], p["passage_wyoming_last_ms"], q["peer_passage_last_ratio"]),
+        row("passage", "server CPU s", p["cpu_per_passage_ours_s"], p["cpu_per_passage_wyoming_s"], q["peer_cpu_ratio"]),
+        row("4 passages at once", "first audio p90 ms", p["four_ours_first_ms"]["p90"], p["four_wyoming_first_ms"]["p90"], q["peer_four_first_p90_ratio"]),
+        row("4 passages at once", "wall p50 ms", p["four_ours_wall_ms"], p["four_wyoming_wall_ms"], q["peer_four_wall_ratio"]),
+        row("4 passages at once", "underruns", p["four_ours_underruns"], p["four_wyoming_underruns"], ""),
+        row("table scene", "worst NPC first audio ÷ alone", p["table_ours_npc_first_vs_solo"], p["table_wyoming_npc_first_vs_solo"], ""),
+        row("table scene", "narration last audio ÷ alone", p["table_ours_narration_vs_solo"], p["table_wyoming_narration_vs_solo"], ""),
+        row("table scene", "underruns", p["table_ours_underruns"], p["table_wyoming_underruns"], ""),
+        row("after the run", "engine process RSS MB", p["rss"]["ours"]["largest_mb"], p["rss"]["wyoming"]["largest_mb"], q["peer_rss_ratio"]),
+        "",
+        "![table scene](table_scene.png)",
+        "",
+    ]
 
 
 def write(results: dict[str, Any], out: Path, goals: dict[str, tuple[str, float]]) -> None:
@@ -152,4 +214,6 @@ def write(results: dict[str, Any], out: Path, goals: dict[str, tuple[str, float]
     _relay_cdf(results["relay"], out / "relay_cdf.png")
     _ttfa_bars(results, out / "ttfa.png")
     _throughput(results["throughput"], out / "throughput.png")
+    if "peer" in results:
+        _table_scene(results["peer"], out / "table_scene.png")
     (out / "RESULTS.md").write_text(_table(results, goals))

@@ -12,6 +12,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from broker.tts import BAD_REQUEST, RequestError, SynthesisRequest, normalize_language
+from engines.schedule import Pacing
 
 
 class Engine(abc.ABC):
@@ -51,6 +52,15 @@ class Engine(abc.ABC):
         lazily, checking for cancellation between arrays, so a generator that
         does its work on demand is cancelled between pieces.
         """
+
+    def speak_paced(self, text: str, request: SynthesisRequest, pacing: Pacing) -> Iterable[np.ndarray]:
+        """:meth:`speak`, told how much time it may take before its listener runs out of audio.
+
+        ``pacing.budget()`` is that time in seconds, now, and ``pacing.sharing()`` how many
+        jobs take turns on this worker. An engine that can trade latency for work (Piper's
+        frame mode decodes in windows) sizes its next piece by them; the default ignores them.
+        """
+        return self.speak(text, request)
 
     def max_chars(self, language: str) -> int:
         """Longest sentence this engine takes in one piece, in characters."""

@@ -27,6 +27,7 @@ from piper import PiperVoice, SynthesisConfig
 from broker.tts import SynthesisRequest
 from engines.audio import soft_limit
 from engines.base import Engine
+from engines.schedule import UNPACED, Pacing
 from engines.vits_split import FrameStreamer, optimised_model, session_options
 from models.registry import DEFAULT_PIPER_VOICE, resolve_piper_voice
 
@@ -233,7 +234,7 @@ class PiperEngine(Engine):
         log.info("first audio of a long sentence: %.0f ms by sentence, %.0f ms by frames", sentence * 1000, frames * 1000)
         return "frames" if frames < sentence else "sentence"
 
-    def _speak_frames(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
+    def _speak_frames(self, text: str, request: SynthesisRequest, pacing: Pacing = UNPACED) -> Iterator[np.ndarray]:
         assert self.frames is not None
         for phonemes in self.voice.phonemize(text):
             if not phonemes:
@@ -243,7 +244,7 @@ class PiperEngine(Engine):
                 # Too short to gain from windows: one run of the whole voice is cheaper than two graphs.
                 yield soft_limit(self.voice.session.run(None, feeds)[0].reshape(-1) * self.frame_gain)
                 continue
-            for audio in self.frames.stream(self.frames.latents(feeds)):
+            for audio in self.frames.stream(self.frames.latents(feeds), pacing):
                 yield soft_limit(audio * self.frame_gain)
 
     def _speak_sentences(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
@@ -274,9 +275,15 @@ class PiperEngine(Engine):
         }
 
     def speak(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
+        return self.speak_paced(text, request, UNPACED)
+
+    def speak_paced(self, text: str, request: SynthesisRequest, pacing: Pacing) -> Iterator[np.ndarray]:
+        """Frame mode decodes each window as large as the listener's audio in hand allows
+        (``FrameStreamer.stream``): the first window of a request small, for first audio; a
+        later sentence, with audio in hand, often in one piece, as sentence mode would."""
         mode = request.stream or self.stream_mode
         if mode == "frames" and self.frames is not None:
-            return self._speak_frames(text, request)
+            return self._speak_frames(text, request, pacing)
         return self._speak_sentences(text, request)
 
 

@@ -38,7 +38,7 @@ from broker import mdp, tts
 from broker.caps import EngineCaps
 from engines.audio import ChunkEncoder
 from engines.base import Engine
-from engines.schedule import HasPlayback, Playback, next_up
+from engines.schedule import HasPlayback, Pacing, Playback, next_up
 from engines.text import split_sentences
 
 log = logging.getLogger("engines.runtime")
@@ -100,6 +100,10 @@ class WorkerRuntime:
         """Jobs held, by the address the broker gave each (socket thread only)."""
         self._incoming: queue.SimpleQueue[Optional[_Job]] = queue.SimpleQueue()
         """New jobs for the synthesis thread; None stops it."""
+        self._active: list[_Job] = []
+        """Jobs the synthesis thread is advancing (its own list, read by the pacing of each)."""
+        self._start_cost = 0.1
+        """Seconds a job's first piece takes (a moving average): what starting a new job costs the others."""
         self._retrying = False  # reconnected, and no broker has answered since
         self._sock: Optional[zmq.Socket] = None
         self._pipe_addr = f"inproc://worker-pipe-{id(self)}"
@@ -264,7 +268,7 @@ class WorkerRuntime:
         push = self.ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, -1)
         push.connect(self._pipe_addr)
-        active: list[_Job] = []
+        active = self._active
         try:
             while True:
                 while True:  # take every new job; wait for one only when there is nothing to do
@@ -277,13 +281,17 @@ class WorkerRuntime:
                     job.steps = self._steps(job, push)
                     active.append(job)
                 # A cancelled job goes first: its next step only says so.
-                job = next((j for j in active if j.cancel.is_set()), None) or next_up(active)
+                now = time.monotonic()
+                job = next((j for j in active if j.cancel.is_set()), None) or next_up(active, now, self._start_cost)
                 assert job.steps is not None
+                starting = job.playback.first is None
                 try:
                     next(job.steps)
                 except StopIteration:
                     active.remove(job)
                     job.released.set()
+                if starting and job.playback.first is not None:
+                    self._start_cost += 0.25 * (time.monotonic() - now - self._start_cost)
         except Exception:  # a bug here must not leave the socket thread waiting for ever
             log.exception("worker %s: synthesis loop failed", self.identity)
             raise
@@ -323,6 +331,7 @@ class WorkerRuntime:
             seq = samples = sentences = 0
             first: Optional[float] = None
             width = tts.SAMPLE_WIDTH[request.format]
+            pacing = Pacing(job.playback, lambda: self._active)
 
             def send(chunks: Iterator[bytes]) -> None:
                 nonlocal seq, samples, first
@@ -337,7 +346,7 @@ class WorkerRuntime:
                     samples += len(pcm) // width
 
             for lo, hi in split_sentences(request.text, self.engine.max_chars(request.language)):
-                for audio in self.engine.speak(request.text[lo:hi], request):
+                for audio in self.engine.speak_paced(request.text[lo:hi], request, pacing):
                     send(encoder.push(audio))
                     yield  # let a job whose listener needs audio sooner go first
                     if job.cancel.is_set():

@@ -18,8 +18,9 @@ feasible order exists).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Optional, Sequence, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 
 
 @dataclass
@@ -41,6 +42,56 @@ class Playback:
     def deadline(self) -> float:
         return self.arrived if self.first is None else self.first + self.audio_s
 
+    def lead(self, now: float) -> float:
+        """Seconds of audio its listener has in hand (0 before the first audio)."""
+        return 0.0 if self.first is None else max(0.0, self.first + self.audio_s - now)
+
+
+class Pacing:
+    """What an engine is told about the job it speaks (``Engine.speak_paced``): how long
+    its next piece may take, and how many jobs take turns with it."""
+
+    def __init__(self, playback: Playback, jobs: Callable[[], Sequence["HasPlayback"]], share: float = 0.5) -> None:
+        self._playback = playback
+        self._jobs = jobs
+        self._share = share
+
+    @property
+    def paced(self) -> bool:
+        return True
+
+    def sharing(self) -> int:
+        """Jobs this worker advances in turns now, this one included."""
+        return max(1, len(self._jobs()))
+
+    def budget(self) -> float:
+        """Seconds the next piece may take: a part (``share``) of this listener's audio in
+        hand (0 before the first audio), divided among the jobs in turn; the rest is margin
+        for the pieces the others take meanwhile. (Bounding it by the listener with least
+        audio instead kept every window minimal, and the margins then cost more than the
+        four streams of the benchmark could afford.)"""
+        return self._share * self._playback.lead(time.monotonic()) / self.sharing()
+
+    def others_budget(self) -> float:
+        """Seconds a piece of this job may take without another job's listener running out
+        (a part of the least audio in hand among the others playing); infinite when none is."""
+        now = time.monotonic()
+        leads = [j.playback.lead(now) for j in self._jobs() if j.playback is not self._playback and j.playback.first is not None]
+        return self._share * min(leads) if leads else float("inf")
+
+
+class _Unpaced(Pacing):
+    def __init__(self) -> None:
+        super().__init__(Playback(arrived=0.0), lambda: ())
+
+    @property
+    def paced(self) -> bool:
+        return False
+
+
+UNPACED: Pacing = _Unpaced()
+"""For a caller with no listener to pace for (an engine used in-process): the engine's own schedule."""
+
 
 class HasPlayback:
     playback: Playback
@@ -49,6 +100,14 @@ class HasPlayback:
 J = TypeVar("J", bound=HasPlayback)
 
 
-def next_up(jobs: Sequence[J]) -> J:
-    """The job to advance now: earliest deadline, the older job on a tie."""
-    return min(jobs, key=lambda job: (job.playback.deadline, job.playback.arrived))
+def next_up(jobs: Sequence[J], now: float = 0.0, start_cost: float = 0.0) -> J:
+    """The job to advance now: earliest deadline, the older job on a tie — except that a new
+    job does not start while a job already playing has less audio in hand than starting it
+    takes (``start_cost`` seconds): that job is fed first, so one starting never makes
+    another's listener hear a gap."""
+    due = min(jobs, key=lambda job: (job.playback.deadline, job.playback.arrived))
+    if due.playback.first is None:
+        at_risk = [j for j in jobs if j.playback.first is not None and j.playback.lead(now) < start_cost]
+        if at_risk:
+            return min(at_risk, key=lambda job: job.playback.deadline)
+    return due

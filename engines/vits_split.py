@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import onnxruntime
 
+from engines.schedule import UNPACED, Pacing
 from models.registry import cache_dir, file_digest
 
 log = logging.getLogger("engines.vits_split")
@@ -190,6 +192,8 @@ class FrameStreamer:
     """The voice's cache entry (split graphs, gain)."""
     margin: int = MARGIN
     schedule: Sequence[int] = SCHEDULE
+    frame_cost_s: float = 0.002
+    """Wall time to decode one latent frame, measured as windows are decoded (starts cautious)."""
 
     def cached_gain(self, calibrate: Callable[[], float]) -> float:
         """The voice's frame-mode gain: measured once (it costs two syntheses of a few sentences), then read."""
@@ -231,23 +235,53 @@ class FrameStreamer:
         audio = self.decoder.run(None, feeds)[0].reshape(-1)
         return audio[(start - lo) * HOP : (end - lo) * HOP]
 
-    def stream(self, latents: dict[str, np.ndarray]) -> Iterator[np.ndarray]:
-        """The sentence's audio, window after window, by the schedule."""
+    def stream(self, latents: dict[str, np.ndarray], pacing: Pacing = UNPACED) -> Iterator[np.ndarray]:
+        """The sentence's audio, window after window.
+
+        Windows follow the schedule, or are larger where ``pacing.budget()`` (seconds this
+        stream may take now before its listener runs out of audio) allows: a window's cost is
+        predicted from the decoder's measured time per frame, so a sentence spoken while audio
+        is in hand is decoded in few windows, or one, with few margins to pay for. The first
+        window grows with the jobs taking turns (``pacing.sharing()``): its audio must last
+        while each of them gets its own first window."""
         total = self.frames(latents)
         if total <= self.schedule[0] + 2 * self.margin:
             # A short sentence: windows would decode more than the whole of it.
-            yield self.decode(latents, 0, total)
+            yield self._timed_decode(latents, 0, total)
             return
-        for start, end in self.windows(total):
-            yield self.decode(latents, start, end)
+        for start, end in self.windows(total, pacing):
+            yield self._timed_decode(latents, start, end)
 
-    def windows(self, total: int) -> Iterator[tuple[int, int]]:
-        """``[start, end)`` of each window over ``total`` latent frames, by the schedule."""
+    def windows(self, total: int, pacing: Pacing = UNPACED) -> Iterator[tuple[int, int]]:
+        """``[start, end)`` of each window over ``total`` latent frames."""
         start = step = 0
         while start < total:
             size = self.schedule[min(step, len(self.schedule) - 1)]
+            if pacing.paced:
+                size = max(size, self._frames_for(pacing.budget()))
+                # …but not so large that another listener runs out meanwhile, down to a floor
+                # that still gains audio faster than the margins cost when several take turns.
+                floor = self.schedule[0] * min(pacing.sharing(), len(self.schedule)) if step == 0 else self.schedule[1]
+                size = max(floor, min(size, self._frames_for(pacing.others_budget())))
+                # No larger than the schedule's largest: onnxruntime's arena grows to the largest
+                # window it has decoded and keeps it (issue 11), ~150 MB more for whole sentences.
+                size = min(size, self.schedule[-1])
             end = min(total, start + size)
             if total - end < MERGE * self.schedule[min(step + 1, len(self.schedule) - 1)]:
                 end = total
             yield start, end
             start, step = end, step + 1
+
+    def _frames_for(self, seconds: float) -> int:
+        """Latent frames one window can decode in ``seconds``, margins paid."""
+        if seconds == float("inf"):
+            return 1 << 30
+        return int(seconds / self.frame_cost_s) - 2 * self.margin
+
+    def _timed_decode(self, latents: dict[str, np.ndarray], start: int, end: int) -> np.ndarray:
+        t0 = time.perf_counter()
+        audio = self.decode(latents, start, end)
+        decoded = min(self.frames(latents), end + self.margin) - max(0, start - self.margin)
+        # A moving average of the wall time per decoded frame, as this machine runs it now.
+        self.frame_cost_s += 0.25 * ((time.perf_counter() - t0) / max(decoded, 1) - self.frame_cost_s)
+        return audio

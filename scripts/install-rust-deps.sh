@@ -1,17 +1,19 @@
 #!/bin/sh
 # Install the OS packages the Rust client (clients/rust) needs to build OFFLINE:
-# libzmq and the Debian-packaged Rust crates it uses (zmq 0.9, serde_json 1;
-# tokio 1 and futures 0.3 for the async client, cargo feature `tokio`, and its
-# tests and examples), which land in /usr/share/cargo/registry (see
-# clients/rust/.cargo/config.toml).
+# Debian's own Rust toolchain (cargo 0.66 / rustc 1.63: the one those crates are
+# packaged for, and the crate's rust-version), libzmq, and the Debian-packaged
+# Rust crates it uses (zmq 0.9, serde_json 1; tokio 1 and futures 0.3 for the
+# async client, cargo feature `tokio`, and its tests and examples), which land
+# in /usr/share/cargo/registry (see clients/rust/.cargo/config.toml).
 # pkg-config is needed by the zmq-sys build script to find libzmq.
-# A Rust toolchain (cargo, rustc >= 1.63) is expected to be on PATH already.
+# The tests build with this toolchain (/usr/bin/cargo, /usr/bin/rustc) even where
+# another one (rustup's) is on PATH: they build with what a fresh machine gets.
 #
 # Idempotent: does nothing when everything is installed; otherwise runs
 # apt-get update once and installs what is missing. Needs root (or sudo).
 set -eu
 
-PACKAGES="libzmq3-dev pkg-config librust-zmq-dev librust-serde-json-dev librust-tokio-dev librust-futures-dev"
+PACKAGES="cargo rustc libzmq3-dev pkg-config librust-zmq-dev librust-serde-json-dev librust-tokio-dev librust-futures-dev"
 
 missing=""
 for pkg in $PACKAGES; do
@@ -44,6 +46,4 @@ else
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing
 fi
 
-if ! command -v cargo >/dev/null 2>&1 && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
-    echo "install-rust-deps: note: cargo is not on PATH; install a Rust toolchain (rustup, or apt-get install cargo)" >&2
-fi
+echo "install-rust-deps: $(/usr/bin/cargo --version), $(/usr/bin/rustc --version)"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -24,11 +23,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from bench.rust_client import TARGET, cargo
 from tests.asr import transcribe, words_heard
 from tests.conftest import EN_VOICE, ROOT, Served, free_port, start_serve, stop_serve, wait_services
 
 RUST_DIR = ROOT / "clients" / "rust"
-TARGET = RUST_DIR / "target"
 DEBIAN_REGISTRY = Path("/usr/share/cargo/registry")
 NEEDED_CRATES = ("zmq-0.9", "zmq-sys-", "serde_json-1.", "tokio-1.", "futures-0.3")
 HINT = "run scripts/install-rust-deps.sh (as root) to install libzmq and the Debian Rust crates"
@@ -50,21 +49,13 @@ class MissingTooling(Exception):
     """cargo, libzmq or the Debian crates are not installed."""
 
 
-def _cargo() -> str:
-    found = shutil.which("cargo") or str(Path.home() / ".cargo" / "bin" / "cargo")
-    if not os.access(found, os.X_OK):
-        raise MissingTooling(f"cargo not found: install a Rust toolchain, then {HINT}")
-    return found
-
-
-def _cargo_env() -> dict[str, str]:
-    return {**os.environ, "CARGO_TARGET_DIR": str(TARGET), "CARGO_TERM_COLOR": "never"}
-
-
 def _run_cargo(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [_cargo(), *args], cwd=RUST_DIR, env=_cargo_env(), capture_output=True, text=True, timeout=timeout
-    )
+    """cargo as a fresh machine has it: Debian's toolchain (``bench.rust_client.cargo``)."""
+    try:
+        command, env = cargo()
+    except FileNotFoundError as exc:
+        raise MissingTooling(f"{exc}; {HINT}") from None
+    return subprocess.run([command, *args], cwd=RUST_DIR, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _build() -> Path:
@@ -126,6 +117,20 @@ def _check_spoken(proc: subprocess.CompletedProcess, out: Path, rate: int, subty
     assert np.all(np.isfinite(audio))
     assert words_heard(SENTENCE, transcribe(audio, rate)) >= 0.6
     assert not out.with_name(out.name + ".part").exists()
+
+
+def test_the_crate_builds_with_the_toolchain_a_fresh_debian_machine_gets() -> None:
+    """scripts/install-rust-deps.sh installs Debian's cargo and rustc, and the tests build with
+    them even where rustup's newer toolchain comes first on PATH: the crate must keep
+    building with the oldest compiler it declares (``rust-version``)."""
+    declared = re.search(r'^rust-version = "([0-9.]+)"', (RUST_DIR / "Cargo.toml").read_text(), re.M)
+    assert declared, "Cargo.toml declares no rust-version"
+    if not Path("/etc/debian_version").is_file():
+        pytest.skip("not a Debian machine: Debian's toolchain is not the one a fresh machine gets here")
+    command, env = cargo()
+    assert command == "/usr/bin/cargo", f"{command}: {HINT}"
+    rustc = subprocess.run([env["RUSTC"], "--version"], capture_output=True, text=True, check=True).stdout
+    assert rustc.startswith(f"rustc {declared.group(1)}"), (rustc, declared.group(1))
 
 
 def test_cargo_unit_tests(rust_build: Path | MissingTooling) -> None:

@@ -150,3 +150,52 @@ def test_earliest_deadline_first() -> None:
     assert next_up([streaming, new, newer]) is new
     assert next_up([streaming, newer, behind, new]) is behind
     assert next_up([streaming]) is streaming
+
+
+def test_a_new_job_waits_while_a_playing_one_has_less_audio_than_starting_takes() -> None:
+    class J:
+        def __init__(self, playback: Playback) -> None:
+            self.playback = playback
+
+    playing = J(Playback(arrived=0.0, first=1.0, audio_s=0.5))  # runs dry at 1.5
+    new = J(Playback(arrived=1.2))
+    assert next_up([playing, new], now=1.3, start_cost=0.1) is new  # 0.2 s in hand: start it
+    assert next_up([playing, new], now=1.45, start_cost=0.1) is playing  # 0.05 s: feed the listener first
+
+
+class _Paced:
+    """A stand-in for the runtime's pacing: fixed budgets."""
+
+    def __init__(self, own: float, others: float, sharing: int = 1) -> None:
+        self.own, self.others, self.n = own, others, sharing
+
+    paced = True
+
+    def budget(self) -> float:
+        return self.own
+
+    def others_budget(self) -> float:
+        return self.others
+
+    def sharing(self) -> int:
+        return self.n
+
+
+def test_windows_grow_with_the_audio_in_hand_and_shrink_for_the_others() -> None:
+    from engines.vits_split import MARGIN, SCHEDULE, FrameStreamer
+
+    streamer = FrameStreamer(None, None, [], None)  # type: ignore[arg-type]  # windows() needs no graph
+    streamer.frame_cost_s = 0.001
+    total = 1000
+    alone = list(streamer.windows(total))  # no listener to pace for: the fixed schedule
+    assert [e - s for s, e in alone][:4] == list(SCHEDULE)
+    # A sentence begun with seconds of audio in hand: no small windows at all (capped for memory).
+    ahead = list(streamer.windows(total, _Paced(own=10.0, others=float("inf"))))
+    assert all(e - s == SCHEDULE[-1] for s, e in ahead[:-1])
+    assert len(ahead) < len(alone)
+    crowded = list(streamer.windows(total, _Paced(own=10.0, others=0.08)))  # another listener has 0.16 s
+    assert all(e - s <= max(SCHEDULE[1], 80 - 2 * MARGIN) for s, e in crowded[1:-1])
+    shared = list(streamer.windows(total, _Paced(own=0.0, others=float("inf"), sharing=3)))
+    assert shared[0] == (0, 3 * SCHEDULE[0])  # its first audio must last while two others start
+    for windows in (alone, ahead, crowded, shared):
+        assert windows[-1][1] == total and all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
