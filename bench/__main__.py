@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     step("failover_stop", lambda: failover.gap(reps=2 if q else 5, how=signal.SIGSTOP))
     step("slow_clients", lambda: failover.slow_clients(8 if q else 32))
     if not a.skip_rust:
-        step("rust_client", lambda: rust_client.run(reps=10 if q else 30, loads=3 if q else 10))
+        step("rust_client", lambda: rust_client.run(reps=40 if q else 80, loads=3 if q else 10))
     if not a.skip_peer:
         step("peer", lambda: peer.run(reps=5 if q else 15, loads=2 if q else 5))
 

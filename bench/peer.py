@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 from contextlib import ExitStack, contextmanager
@@ -81,22 +82,39 @@ class _Player:
 
 
 class Ours:
+    """A ZeroMQ client keeps its connection: one client per calling thread, connected (and
+    used once) before it is timed, as wyoming-piper's TCP connection is made before its clock starts."""
+
     name = "ours"
 
     def __init__(self, frontend: str) -> None:
         self.frontend = frontend
+        self._local = threading.local()
+        self._clients: list[TtsClient] = []
+
+    def _client(self) -> TtsClient:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = TtsClient(self.frontend, timeout=120)
+            self._clients.append(client)
+            client.wait_ready(timeout=120)
+        return client
 
     def speak(self, text: str) -> Heard:
-        with TtsClient(self.frontend, timeout=120) as client:
-            t0 = time.perf_counter()
-            player = _Player(t0)
-            stream = client.speak(text)
-            for event in stream:
-                if isinstance(event, Audio):
-                    start = stream.start
-                    assert start is not None
-                    player.chunk(len(event.pcm) / (SAMPLE_WIDTH[start.format] * start.channels) / start.sample_rate)
-            return player.heard()
+        client = self._client()
+        t0 = time.perf_counter()
+        player = _Player(t0)
+        stream = client.speak(text)
+        for event in stream:
+            if isinstance(event, Audio):
+                start = stream.start
+                assert start is not None
+                player.chunk(len(event.pcm) / (SAMPLE_WIDTH[start.format] * start.channels) / start.sample_rate)
+        return player.heard()
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
 
 
 class Wyoming:
@@ -167,17 +185,24 @@ def _servers(workers: int | None) -> Iterator[tuple[dict[str, Any], dict[str, in
             argv += ["--config", config]
         (ours_proc,) = stack.enter_context(processes(argv))
         port = int(endpoint().rsplit(":", 1)[1])
+        log = stack.enter_context(tempfile.TemporaryFile())
         wy_proc = subprocess.Popen(
             [str(wyoming_python()), "-m", "wyoming_piper", "--voice", VOICE, "--data-dir", str(WYOMING_DATA),
              "--uri", f"tcp://127.0.0.1:{port}"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         )
         stack.callback(lambda: (wy_proc.terminate(), wy_proc.wait(10)))
         with TtsClient(frontend, timeout=300) as client:
             if not client.wait_ready(timeout=300):
                 raise RuntimeError("tts-broker serve did not get a worker ready in time")
-        _wait_port(port, wy_proc)
-        speakers = {"ours": Ours(frontend), "wyoming": Wyoming(port)}
+        try:
+            _wait_port(port, wy_proc)
+        except RuntimeError as exc:
+            log.seek(0)
+            raise RuntimeError(f"{exc}; its log ends:\n{log.read()[-2000:].decode(errors='replace')}") from None
+        ours = Ours(frontend)
+        stack.callback(ours.close)
+        speakers = {"ours": ours, "wyoming": Wyoming(port)}
         for speaker in speakers.values():  # the first request of each pays for lazy set-up
             speaker.speak("Ready.")
             speaker.speak(TEXT)
@@ -186,8 +211,6 @@ def _servers(workers: int | None) -> Iterator[tuple[dict[str, Any], dict[str, in
 
 @contextmanager
 def _config(workers: int) -> Iterator[str]:
-    import tempfile
-
     with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
         f.write(f"[[workers]]\nengine = \"piper\"\ncount = {workers}\n")
         f.flush()

@@ -116,6 +116,8 @@ def run(reps: int = 15, loads: int = 3) -> dict[str, Any]:
         "rust_ttfa_ms": round(statistics.median(rust), 1),
         "python_ttfa_ms": round(statistics.median(python), 1),
         "rust_ttfa_ratio": round(statistics.median(rust) / statistics.median(python), 3),
+        "rust_all_ms": [round(x, 1) for x in rust],
+        "python_all_ms": [round(x, 1) for x in python],
         "rust_8_streams_ttfa_ms": {"p50": round(_pct(eight, 50), 1), "p99": round(_pct(eight, 99), 1), "count": len(eight)},
     }
 

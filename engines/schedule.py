@@ -10,10 +10,11 @@ audio at a time (a decoder window, or a sentence), always the job with the earli
 * after that, the deadline is when the audio sent so far ends if played in real time from
   its first chunk — the moment its listener would hear a gap.
 
-At a real-time factor of about 0.05, one worker keeps many real-time streams fed this way,
-and an NPC's first words jump ahead of the narrator's tenth window instead of waiting for
-the whole narration (earliest-deadline-first is the optimal single-processor policy when a
-feasible order exists).
+At a real-time factor of about 0.05, one worker keeps several real-time streams fed this
+way, and an NPC's first words jump ahead of the narrator's next windows instead of waiting
+for the whole narration. Pieces are not preempted: a new line waits for the piece in
+progress (at most one window; how large windows may grow is :class:`Pacing`'s business),
+which is where earliest-deadline-first, optimal when work can be cut anywhere, loses here.
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ J = TypeVar("J", bound=HasPlayback)
 def next_up(jobs: Sequence[J], now: float = 0.0, start_cost: float = 0.0) -> J:
     """The job to advance now: earliest deadline, the older job on a tie — except that a new
     job does not start while a job already playing has less audio in hand than starting it
-    takes (``start_cost`` seconds): that job is fed first, so one starting never makes
-    another's listener hear a gap."""
+    takes (``start_cost`` seconds, as measured): that job is fed first, so that starting one
+    does not make another's listener hear a gap."""
     due = min(jobs, key=lambda job: (job.playback.deadline, job.playback.arrived))
     if due.playback.first is None:
         at_risk = [j for j in jobs if j.playback.first is not None and j.playback.lead(now) < start_cost]
