@@ -50,7 +50,6 @@ from tests.core_rig import (
     start,
     start_json,
     to_client,
-    to_worker,
 )
 
 # --------------------------------------------------------------------------
