@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install the OS packages the Rust client (clients/rust) needs to build OFFLINE:
-# Debian's own Rust toolchain (cargo 0.66 / rustc 1.63: the one those crates are
+# Debian's own Rust toolchain (cargo 1.65 / rustc 1.63: the one those crates are
 # packaged for, and the crate's rust-version), libzmq, and the Debian-packaged
 # Rust crates it uses (zmq 0.9, serde_json 1; tokio 1 and futures 0.3 for the
 # async client, cargo feature `tokio`, and its tests and examples), which land
