@@ -41,6 +41,12 @@ def summary(h: HdrHistogram) -> dict[str, float]:
     }
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile of a few raw values (nearest rank), for lists too short for a histogram."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
 def cdf(h: HdrHistogram) -> list[tuple[float, float]]:
     """(percentile, value) pairs for a latency CDF plot."""
     return [(p, h.get_value_at_percentile(p)) for p in (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)]

@@ -30,7 +30,7 @@ from wyoming.tts import Synthesize, SynthesizeVoice
 from broker.client import TtsClient
 from broker.tts import SAMPLE_WIDTH, Audio
 
-from .common import ROOT, endpoint, processes
+from .common import ROOT, endpoint, percentile, processes
 from .peer_env import VOICE, WYOMING_DATA, wyoming_python
 from .ttfa import LONG_SENTENCE, SETTLE_S, TEXT
 
@@ -217,11 +217,6 @@ def _config(workers: int) -> Iterator[str]:
         yield f.name
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
 def _at_once(speak: Callable[[str], Heard], jobs: list[tuple[float, str]]) -> list[Heard]:
     """Start each job ``delay`` s after the first, each on its own thread and connection."""
     results: list[Heard | BaseException | None] = [None] * len(jobs)
@@ -285,14 +280,14 @@ def run(reps: int = 5, loads: int = 3, workers: int | None = None) -> dict[str, 
         for name in names:
             firsts = [h.first * 1000 for h in rows[case][name]]
             lasts = [h.last * 1000 for h in rows[case][name]]
-            out[f"{case}_{name}_first_ms"] = {"p50": round(statistics.median(firsts), 1), "p90": round(_pct(firsts, 90), 1)}
+            out[f"{case}_{name}_first_ms"] = {"p50": round(statistics.median(firsts), 1), "p90": round(percentile(firsts, 90), 1)}
             out[f"{case}_{name}_last_ms"] = round(statistics.median(lasts), 1)
             out[f"{case}_{name}_underruns"] = sum(h.underruns for h in rows[case][name])
     for name in names:
         out[f"cpu_per_passage_{name}_s"] = round(statistics.median(cpu[name]), 3)
         firsts = [h.first * 1000 for run_ in together[name] for h in run_]
         walls = [max(h.last for h in run_) * 1000 for run_ in together[name]]
-        out[f"four_{name}_first_ms"] = {"p50": round(statistics.median(firsts), 1), "p90": round(_pct(firsts, 90), 1)}
+        out[f"four_{name}_first_ms"] = {"p50": round(statistics.median(firsts), 1), "p90": round(percentile(firsts, 90), 1)}
         out[f"four_{name}_wall_ms"] = round(statistics.median(walls), 1)
         out[f"four_{name}_underruns"] = sum(h.underruns for run_ in together[name] for h in run_)
         npc_alone = statistics.median(h.first for h in npc_solo[name])

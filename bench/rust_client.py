@@ -22,7 +22,7 @@ from typing import Any
 
 from broker.client import TtsClient
 
-from .common import ROOT, endpoint, processes
+from .common import ROOT, endpoint, percentile, processes
 from .ttfa import SETTLE_S, TEXT, _through_broker
 
 CRATE = ROOT / "clients" / "rust"
@@ -78,11 +78,6 @@ class _Probe:
         self.proc.wait(30)
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
 def run(reps: int = 15, loads: int = 3) -> dict[str, Any]:
     probe_path = build_probe()
     fe, be = endpoint(), endpoint()
@@ -118,7 +113,7 @@ def run(reps: int = 15, loads: int = 3) -> dict[str, Any]:
         "rust_ttfa_ratio": round(statistics.median(rust) / statistics.median(python), 3),
         "rust_all_ms": [round(x, 1) for x in rust],
         "python_all_ms": [round(x, 1) for x in python],
-        "rust_8_streams_ttfa_ms": {"p50": round(_pct(eight, 50), 1), "p99": round(_pct(eight, 99), 1), "count": len(eight)},
+        "rust_8_streams_ttfa_ms": {"p50": round(percentile(eight, 50), 1), "p99": round(percentile(eight, 99), 1), "count": len(eight)},
     }
 
 
