@@ -25,7 +25,12 @@ class Engine(abc.ABC):
     slots: int = 1
     """Jobs a worker holds at once by default, advanced in turns (``engines/schedule.py``).
     More than one only where :meth:`speak` generators of several requests can be
-    interleaved on the one synthesis thread, and the engine is fast enough to feed them."""
+    interleaved, and the engine is fast enough to feed them."""
+    threads: int = 1
+    """Synthesis threads: how many of its jobs a worker advances at the same moment. More
+    than one only where :meth:`speak` generators of different requests may run concurrently
+    (a thread-safe model, shared state guarded); a second thread lets a new line's first
+    piece start while another stream's long piece is in progress."""
 
     @property
     @abc.abstractmethod

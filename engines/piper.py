@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 import time
 from typing import Iterator, Optional, Sequence
 
@@ -121,6 +122,20 @@ def _plug_espeak_leaks() -> None:
     espeakbridge.get_phonemes = get_phonemes
 
 
+def _phonemize_serially(voice: PiperVoice) -> None:
+    """espeak-ng keeps its state in globals: two synthesis threads must not phonemize at once
+    (the models' runs may overlap). The voice's own ``synthesize`` calls ``phonemize`` on
+    itself, so the instance attribute covers sentence mode too."""
+    lock = threading.Lock()
+    phonemize = voice.phonemize
+
+    def serial(text: str) -> list[list[str]]:
+        with lock:
+            return phonemize(text)
+
+    voice.phonemize = serial  # type: ignore[method-assign]
+
+
 class DeviceError(RuntimeError):
     """The requested device cannot be used."""
 
@@ -144,6 +159,9 @@ class PiperEngine(Engine):
     slots = 4
     """A window costs ~0.05 of the audio it makes on one core, so one worker keeps several
     real-time streams fed, each advanced a window at a time by deadline."""
+    threads = 2
+    """onnxruntime sessions take concurrent runs; espeak-ng does not, so phonemizing is
+    serialised (``_phonemize_serially``)."""
 
     def __init__(
         self, voice: str = DEFAULT_PIPER_VOICE, device: str = "auto", voice_dirs: Sequence[str] = (), stream_mode: str = "auto"
@@ -177,12 +195,13 @@ class PiperEngine(Engine):
         for _ in self.voice.synthesize("Ready."):
             pass
         _plug_espeak_leaks()
+        _phonemize_serially(self.voice)
         self.frames: Optional[FrameStreamer] = None
         self.frame_gain = 1.0
         self.stream_mode = "sentence"
         if stream_mode != "sentence":
             try:
-                self.frames = FrameStreamer.load(files.model, providers)
+                self.frames = FrameStreamer.load(files.model, providers, files.sample_rate)
             except ValueError as exc:  # not a VITS graph we can cut
                 if stream_mode == "frames":
                     raise

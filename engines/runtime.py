@@ -1,30 +1,35 @@
 """The MDP/0.2 worker runtime shared by every engine.
 
-The socket loop runs on the main thread and never waits on synthesis: every
-job runs on the one long-lived synthesis thread, which pushes ready-made
-reply bodies through an inproc PUSH/PULL pipe, so heartbeats keep flowing however long a sentence
-takes (onnxruntime and torch release the GIL while they compute). Cancel is a
-flag the synthesis thread checks between pieces of audio.
+The socket loop runs on the main thread and never waits on synthesis: jobs run
+on long-lived synthesis threads, which push ready-made reply bodies through an
+inproc PUSH/PULL pipe, so heartbeats keep flowing however long a sentence takes
+(onnxruntime and torch release the GIL while they compute). Cancel is a flag a
+synthesis thread checks between pieces of audio.
 
 A worker holds up to ``slots`` jobs (announced in its capabilities; 1 unless
-the engine or its configuration says more). The synthesis thread advances them
-one piece of audio at a time, earliest playback deadline first
-(``engines/schedule.py``): one model, one thread, several streams. Each job is
-busy from the broker's REQUEST until its FINAL has been sent, and after losing
-the broker the worker re-registers only once the synthesis thread has let go
-of every old job, so no job of a lost connection shares the model with a new one.
+the engine or its configuration says more). Its synthesis threads (the
+engine's ``threads``) advance them one piece of audio at a time, earliest
+playback deadline first (``engines/schedule.py``), each job on at most one
+thread at a time, so a job's replies stay in order. A second thread (Piper
+has one) takes only first pieces: a new line starts at once, and the piece in
+progress on the first thread is interrupted if its listener has audio enough
+to wait for the new line and for that piece again (``Pacing.interrupt``), so
+the new line's first audio has the cores to itself. Each job is busy from the
+broker's REQUEST until its FINAL has been sent, and after losing the broker the
+worker re-registers only once the synthesis threads have let go of every old
+job, so no job of a lost connection shares the model with a new one.
 
-Everything that touches the model — loading it too — should run on that one
-thread (``run_worker`` does so): torch keeps an OpenMP thread team per calling
-thread, and a second team contending for the same cores made the tiny XTTS
-model's first chunk 60 % slower here (65 ms instead of 40 ms).
+Everything that touches a torch model — loading it too — should run on one
+thread (``run_worker`` loads on the first synthesis thread; XTTS has one):
+torch keeps an OpenMP thread team per calling thread, and a second team
+contending for the same cores made the tiny XTTS model's first chunk 60 %
+slower here (65 ms instead of 40 ms).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -38,7 +43,7 @@ from broker import mdp, tts
 from broker.caps import EngineCaps
 from engines.audio import ChunkEncoder
 from engines.base import Engine
-from engines.schedule import HasPlayback, Pacing, Playback, next_up
+from engines.schedule import SLACK, UNPACED, HasPlayback, Pacing, Playback, next_up
 from engines.text import split_sentences
 
 log = logging.getLogger("engines.runtime")
@@ -60,13 +65,17 @@ class _Job(HasPlayback):
     playback: Playback
     cancel: threading.Event = field(default_factory=threading.Event)
     released: threading.Event = field(default_factory=threading.Event)
-    """Set once the synthesis thread has let go of it (its FINAL is in the pipe)."""
+    """Set once the synthesis threads have let go of it (its FINAL is in the pipe)."""
     steps: Optional[Iterator[None]] = None
-    """Its synthesis, advanced one piece of audio per ``next()`` (synthesis thread only)."""
+    """Its synthesis, advanced one piece of audio per ``next()``."""
+    busy: bool = False
+    """A synthesis thread is advancing it now (guarded by the runtime's condition)."""
+    pacing: Pacing = UNPACED
+    """What its engine is told about its listener (set when it arrives)."""
 
 
 def synthesis_executor() -> ThreadPoolExecutor:
-    """The single thread on which a worker loads and runs its model."""
+    """The thread on which a worker loads its model and runs its first synthesis loop."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="synth")
 
 
@@ -98,10 +107,13 @@ class WorkerRuntime:
         self._generation = 0
         self._jobs: dict[bytes, _Job] = {}
         """Jobs held, by the address the broker gave each (socket thread only)."""
-        self._incoming: queue.SimpleQueue[Optional[_Job]] = queue.SimpleQueue()
-        """New jobs for the synthesis thread; None stops it."""
+        self._work = threading.Condition()
+        """Guards ``_active``, each job's ``busy`` and ``_stopping``; notified when any changes."""
         self._active: list[_Job] = []
-        """Jobs the synthesis thread is advancing (its own list, read by the pacing of each)."""
+        """Jobs handed to the synthesis threads and not yet let go."""
+        self._stopping = False
+        self._running = 0
+        """Synthesis threads still in their loop (the last one out closes the pipe's sending end)."""
         self._start_cost = 0.1
         """Seconds a job's first piece takes (a moving average): what starting a new job costs the others."""
         self._retrying = False  # reconnected, and no broker has answered since
@@ -109,6 +121,12 @@ class WorkerRuntime:
         self._pipe_addr = f"inproc://worker-pipe-{id(self)}"
         self._pipe = self.ctx.socket(zmq.PULL)
         self._pipe.bind(self._pipe_addr)
+        self._push = self.ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, -1)
+        self._push.connect(self._pipe_addr)
+        self._push_lock = threading.Lock()
+        """One sending end for every synthesis thread, so one job's replies arrive in order
+        whichever thread made each; libzmq sockets may change threads behind a lock."""
         self.identity = f"{engine.service}/{os.getpid()}/{os.urandom(3).hex()}"
 
     # ----------------------------------------------------------- connection
@@ -155,7 +173,10 @@ class WorkerRuntime:
 
     def run(self) -> None:
         """Serve until :meth:`stop` (or SIGTERM, installed by the CLI)."""
-        self._synth.submit(self._synthesis_loop)
+        self._running = max(1, self.engine.threads)
+        self._synth.submit(self._synthesis_loop, False)
+        for n in range(1, self._running):
+            threading.Thread(target=self._synthesis_loop, args=(True,), name=f"synth-start-{n}", daemon=True).start()
         self._connect()
         poller = zmq.Poller()
         poller.register(self._pipe, zmq.POLLIN)
@@ -200,7 +221,9 @@ class WorkerRuntime:
 
     def _shutdown(self) -> None:
         self._stop_jobs(timeout=5)
-        self._incoming.put(None)
+        with self._work:
+            self._stopping = True
+            self._work.notify_all()
         self._synth.shutdown(wait=False)
         if self._sock is not None:
             try:
@@ -258,61 +281,103 @@ class WorkerRuntime:
             self._send(mdp.WorkerReply(cmd.address, tts.error_body(rid, tts.BAD_REQUEST, "expected request id and JSON"), True).frames())
             return
         job = _Job(cmd.address, rid, cmd.body[1], self._generation, Playback(time.monotonic()))
+        job.pacing = Pacing(job.playback, lambda: list(self._active), lambda: self._start_cost)
         self._jobs[cmd.address] = job
-        self._incoming.put(job)
+        with self._work:
+            self._active.append(job)
+            self._work.notify()
 
     # ------------------------------------------------------------ synthesis
 
-    def _synthesis_loop(self) -> None:
-        """The synthesis thread: advance the jobs in hand, earliest deadline first, until stopped."""
-        push = self.ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, -1)
-        push.connect(self._pipe_addr)
-        active = self._active
+    def _synthesis_loop(self, starts_only: bool) -> None:
+        """A synthesis thread: advance the jobs no other thread holds, earliest deadline first, until stopped.
+
+        The first thread takes every job; the others (``starts_only``) only a job's first piece,
+        so a new line starts while the first thread is in another stream's long window, and
+        at most one long window is in flight (each concurrent run grows onnxruntime's arena)."""
+        work = self._work
+
+        def takeable(job: _Job) -> bool:
+            if job.busy:
+                return False
+            if job.playback.first is None or job.cancel.is_set():
+                return True
+            if starts_only:
+                return False
+            # While another thread starts a line, the cores are its: only a listener about to
+            # run dry is fed meanwhile.
+            starting = any(j.busy and j.playback.first is None for j in self._active)
+            return not starting or job.playback.lead(time.monotonic()) < SLACK * self._start_cost
+
         try:
             while True:
-                while True:  # take every new job; wait for one only when there is nothing to do
-                    try:
-                        job = self._incoming.get(block=not active)
-                    except queue.Empty:
-                        break
-                    if job is None:
+                with work:
+                    while not self._stopping and not any(takeable(j) for j in self._active):
+                        # A job held back for another's start becomes takeable as its audio runs down.
+                        work.wait(0.01 if not all(j.busy for j in self._active) else None)
+                    if self._stopping:
                         return
-                    job.steps = self._steps(job, push)
-                    active.append(job)
-                # A cancelled job goes first: its next step only says so.
-                now = time.monotonic()
-                job = next((j for j in active if j.cancel.is_set()), None) or next_up(active, now, self._start_cost)
-                assert job.steps is not None
-                starting = job.playback.first is None
+                    free = [j for j in self._active if takeable(j)]
+                    # A cancelled job goes first: its next step only says so.
+                    now = time.monotonic()
+                    job = next((j for j in free if j.cancel.is_set()), None) or next_up(free, now, self._start_cost)
+                    job.busy = True
+                    if job.steps is None:
+                        job.steps = self._steps(job)
+                    starting = job.playback.first is None
+                    if starting:  # its first audio should not share the cores with another's long window
+                        self._make_way(job, now)
                 try:
                     next(job.steps)
+                    done = False
                 except StopIteration:
-                    active.remove(job)
-                    job.released.set()
-                if starting and job.playback.first is not None:
-                    self._start_cost += 0.25 * (time.monotonic() - now - self._start_cost)
+                    done = True
+                with work:
+                    job.busy = False
+                    if done:
+                        self._active.remove(job)
+                        job.released.set()
+                    elif starts_only and job.playback.first is not None:
+                        # Started here: its next piece is the first thread's, which may be in a long one.
+                        self._make_way(job, time.monotonic())
+                    if starting and job.playback.first is not None:
+                        self._start_cost += 0.25 * (time.monotonic() - now - self._start_cost)
+                    work.notify_all()
         except Exception:  # a bug here must not leave the socket thread waiting for ever
             log.exception("worker %s: synthesis loop failed", self.identity)
+            with work:
+                self._stopping = True
+                for held in self._active:
+                    held.released.set()
             raise
         finally:
-            while True:  # jobs not yet taken, too: nobody else would ever release them
-                try:
-                    late = self._incoming.get(block=False)
-                except queue.Empty:
-                    break
-                if late is not None:
-                    active.append(late)
-            for job in active:
-                job.released.set()
-            push.close()
+            with work:
+                # Jobs no thread holds now: nobody else would ever release them.
+                for job in self._active:
+                    if not job.busy:
+                        job.released.set()
+                self._running -= 1
+                last = self._running == 0
+                work.notify_all()
+            if last:
+                self._push.close()
 
-    def _steps(self, job: _Job, push: zmq.Socket) -> Iterator[None]:
+    def _make_way(self, job: _Job, now: float) -> None:
+        """Interrupt another thread's piece of a later-due job that ``job``'s listener cannot
+        wait for, where that job's own listener can wait (``Pacing.interrupt``)."""
+        lead = job.playback.lead(now)
+        for other in self._active:
+            if other.busy and other is not job and other.playback.first is not None and other.playback.deadline > job.playback.deadline:
+                if other.pacing.interrupt(self._start_cost, lead):
+                    log.debug("worker %s: job %s makes way for job %s", self.identity, other.address.hex(), job.address.hex())
+
+    def _steps(self, job: _Job) -> Iterator[None]:
         """One job's synthesis, yielding after each piece of audio the engine makes."""
         head = [str(job.generation).encode(), job.address]
 
         def emit(kind: bytes, body: list[bytes]) -> None:
-            push.send_multipart([*head, kind, *body], copy=False)
+            with self._push_lock:
+                self._push.send_multipart([*head, kind, *body], copy=False)
 
         t0 = job.playback.arrived
         try:
@@ -331,7 +396,7 @@ class WorkerRuntime:
             seq = samples = sentences = 0
             first: Optional[float] = None
             width = tts.SAMPLE_WIDTH[request.format]
-            pacing = Pacing(job.playback, lambda: self._active)
+            pacing = job.pacing
 
             def send(chunks: Iterator[bytes]) -> None:
                 nonlocal seq, samples, first

@@ -12,16 +12,25 @@ audio at a time (a decoder window, or a sentence), always the job with the earli
 
 At a real-time factor of about 0.05, one worker keeps several real-time streams fed this
 way, and an NPC's first words jump ahead of the narrator's next windows instead of waiting
-for the whole narration. Pieces are not preempted: a new line waits for the piece in
-progress (at most one window; how large windows may grow is :class:`Pacing`'s business),
-which is where earliest-deadline-first, optimal when work can be cut anywhere, loses here.
+for the whole narration. A piece cannot be cut anywhere, as earliest-deadline-first would
+like; instead a worker with a second thread starts a new line there at once, and interrupts
+the piece in progress on the first thread if that listener has audio enough to wait
+(:meth:`Pacing.interrupt`; the engine runs that piece again afterwards), so the new line's
+first audio does not share the cores with another stream's long window.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
+
+
+SLACK = 1.5
+"""How much more audio in hand than a wait strictly needs before a listener is made to wait
+(the costs it is compared with are moving averages on a shared machine)."""
 
 
 @dataclass
@@ -52,10 +61,47 @@ class Pacing:
     """What an engine is told about the job it speaks (``Engine.speak_paced``): how long
     its next piece may take, and how many jobs take turns with it."""
 
-    def __init__(self, playback: Playback, jobs: Callable[[], Sequence["HasPlayback"]], share: float = 0.5) -> None:
+    def __init__(
+        self,
+        playback: Playback,
+        jobs: Callable[[], Sequence["HasPlayback"]],
+        start_cost: Callable[[], float] = lambda: 0.0,
+        share: float = 0.5,
+    ) -> None:
         self._playback = playback
         self._jobs = jobs
+        self._start_cost = start_cost
         self._share = share
+        self._lock = threading.Lock()
+        self._stop_run: Optional[Callable[[], None]] = None
+        self._run_cost = 0.0
+
+    @contextmanager
+    def interruptible(self, stop: Callable[[], None], cost: float) -> Iterator[None]:
+        """Marks a run of the engine's, expected to take ``cost`` seconds, that :meth:`interrupt`
+        may cut short by calling ``stop`` (from another thread). The engine then yields no
+        audio for that piece and runs it again at its next turn."""
+        with self._lock:
+            self._stop_run, self._run_cost = stop, cost
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._stop_run = None
+
+    def interrupt(self, wait: float, other_lead: float) -> bool:
+        """Cut short the run in progress for another job whose listener has ``other_lead``
+        seconds of audio in hand, if that listener would run dry before the run ends while this
+        one has audio enough to wait ``wait`` seconds and then for the whole run again (with
+        :data:`SLACK` both ways); True if it was cut."""
+        with self._lock:
+            if self._stop_run is None or other_lead >= SLACK * self._run_cost:
+                return False
+            if self._playback.lead(time.monotonic()) < SLACK * (wait + self._run_cost):
+                return False
+            self._stop_run()
+            self._stop_run = None
+            return True
 
     @property
     def paced(self) -> bool:
@@ -64,6 +110,15 @@ class Pacing:
     def sharing(self) -> int:
         """Jobs this worker advances in turns now, this one included."""
         return max(1, len(self._jobs()))
+
+    def starting(self) -> int:
+        """Other jobs on this worker that have not sent their first audio yet (each goes before
+        this one's next piece)."""
+        return sum(1 for j in self._jobs() if j.playback is not self._playback and j.playback.first is None)
+
+    def start_cost(self) -> float:
+        """Seconds a job's first piece takes on this worker now (a moving average)."""
+        return self._start_cost()
 
     def budget(self) -> float:
         """Seconds the next piece may take: a part (``share``) of this listener's audio in

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import onnxruntime
@@ -49,11 +50,16 @@ so they grow as fast as that allows, which spends the margins on few windows: a 
 decodes 1.2× its frames instead of 1.5× with (8, 24, 64, 128, 256)."""
 MERGE = 0.5
 """A remainder shorter than this fraction of the next window is decoded with the current one."""
+SUSTAIN = 0.75
+"""Part of the decoder's time that windows may spend keeping listeners fed; the rest is left for
+each sentence's frontend, the relay and the noise of a shared machine."""
 _SPLIT_VERSION = 2
 """Part of the cache key: bumped whenever the split graphs change (2: frontend rewritten)."""
 HOP = 256
 """Output samples per latent frame (Piper voices upsample 8·8·4)."""
 
+
+_NOTHING = np.zeros(0, dtype=np.float32)
 
 _GAIN_VERSION = 3
 """Part of the gain's cache key: bumped whenever its calibration changes (2: loudness-matched; 3: sixteen sentences)."""
@@ -194,6 +200,8 @@ class FrameStreamer:
     schedule: Sequence[int] = SCHEDULE
     frame_cost_s: float = 0.002
     """Wall time to decode one latent frame, measured as windows are decoded (starts cautious)."""
+    rate: int = 22050
+    """The voice's sample rate in Hertz (a latent frame lasts ``HOP / rate`` seconds)."""
 
     def cached_gain(self, calibrate: Callable[[], float]) -> float:
         """The voice's frame-mode gain: measured once (it costs two syntheses of a few sentences), then read."""
@@ -205,7 +213,7 @@ class FrameStreamer:
         return gain
 
     @classmethod
-    def load(cls, model: Path, providers: list[str], cache: Path | None = None) -> "FrameStreamer":
+    def load(cls, model: Path, providers: list[str], rate: int, cache: Path | None = None) -> "FrameStreamer":
         front, dec, seam = split_model(model, cache)
         opts = session_options()
         # onnxruntime's pool threads spin after each run by default: between the frontend and
@@ -218,6 +226,7 @@ class FrameStreamer:
             onnxruntime.InferenceSession(str(dec), opts, providers=providers),
             seam,
             front.parent,
+            rate=rate,
         )
 
     def latents(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -227,12 +236,24 @@ class FrameStreamer:
     def frames(self, latents: dict[str, np.ndarray]) -> int:
         return int(max(v.shape[-1] for v in latents.values()))
 
-    def decode(self, latents: dict[str, np.ndarray], start: int, end: int) -> np.ndarray:
-        """Audio of latent frames ``[start, end)``, decoded with margins that are then dropped."""
+    def decode(self, latents: dict[str, np.ndarray], start: int, end: int, pacing: Pacing = UNPACED) -> Optional[np.ndarray]:
+        """Audio of latent frames ``[start, end)``, decoded with margins that are then dropped;
+        None if ``pacing.interrupt()`` cut the run short."""
         total = self.frames(latents)
         lo, hi = max(0, start - self.margin), min(total, end + self.margin)
         feeds = {k: v[..., lo:hi] if v.shape[-1] == total else v for k, v in latents.items()}
-        audio = self.decoder.run(None, feeds)[0].reshape(-1)
+        t0 = time.perf_counter()
+        options = onnxruntime.RunOptions()
+        try:
+            with pacing.interruptible(lambda: setattr(options, "terminate", True), self.frame_cost_s * (hi - lo)):
+                audio = self.decoder.run(None, feeds, options)[0].reshape(-1)
+        except Exception:
+            if options.terminate:  # onnxruntime stops between nodes and reports it as a failure
+                return None
+            raise
+        # A moving average of the wall time per decoded frame, as this machine runs it now
+        # (other runs in flight included): what sizes the windows to come.
+        self.frame_cost_s += 0.25 * ((time.perf_counter() - t0) / (hi - lo) - self.frame_cost_s)
         return audio[(start - lo) * HOP : (end - lo) * HOP]
 
     def stream(self, latents: dict[str, np.ndarray], pacing: Pacing = UNPACED) -> Iterator[np.ndarray]:
@@ -243,14 +264,14 @@ class FrameStreamer:
         predicted from the decoder's measured time per frame, so a sentence spoken while audio
         is in hand is decoded in few windows, or one, with few margins to pay for. The first
         window grows with the jobs taking turns (``pacing.sharing()``): its audio must last
-        while each of them gets its own first window."""
+        while each of them gets its own first window; and no later window is so small that
+        the jobs taking turns spend more on margins than their audio lasts."""
         total = self.frames(latents)
-        if total <= self.schedule[0] + 2 * self.margin:
-            # A short sentence: windows would decode more than the whole of it.
-            yield self._timed_decode(latents, 0, total)
-            return
-        for start, end in self.windows(total, pacing):
-            yield self._timed_decode(latents, start, end)
+        short = total <= self.schedule[0] + 2 * self.margin  # windows would decode more than the whole
+        for start, end in [(0, total)] if short else self.windows(total, pacing):
+            while (audio := self.decode(latents, start, end, pacing)) is None:
+                yield _NOTHING  # interrupted for a new line's first audio: this window again, at its next turn
+            yield audio
 
     def windows(self, total: int, pacing: Pacing = UNPACED) -> Iterator[tuple[int, int]]:
         """``[start, end)`` of each window over ``total`` latent frames."""
@@ -261,8 +282,7 @@ class FrameStreamer:
                 size = max(size, self._frames_for(pacing.budget()))
                 # …but not so large that another listener runs out meanwhile, down to a floor
                 # that still gains audio faster than the margins cost when several take turns.
-                floor = self.schedule[0] * min(pacing.sharing(), len(self.schedule)) if step == 0 else self.schedule[1]
-                size = max(floor, min(size, self._frames_for(pacing.others_budget())))
+                size = max(self._floor(step, pacing), min(size, self._frames_for(pacing.others_budget())))
                 # No larger than the schedule's largest: onnxruntime's arena grows to the largest
                 # window it has decoded and keeps it (issue 11), ~150 MB more for whole sentences.
                 size = min(size, self.schedule[-1])
@@ -272,16 +292,32 @@ class FrameStreamer:
             yield start, end
             start, step = end, step + 1
 
+    def _floor(self, step: int, pacing: Pacing) -> int:
+        """The smallest window worth decoding now, whoever else is waiting."""
+        jobs = pacing.sharing()
+        later = max(self.schedule[1], self._sustainable(jobs))
+        if step > 0:
+            return later
+        if jobs == 1:
+            return self.schedule[0]
+        # A first window's audio must last while the jobs not yet started start (they go first)
+        # and its own next window is decoded (four passages at once ran dry right after their
+        # first windows when it did not).
+        wait = (pacing.starting() * pacing.start_cost() + self.frame_cost_s * (later + 2 * self.margin)) / SUSTAIN
+        return max(self.schedule[0], math.ceil(wait * self.rate / HOP))
+
+    def _sustainable(self, jobs: int) -> int:
+        """The smallest later window with which ``jobs`` streams taking turns each gain audio
+        faster than it plays, margins paid: ``jobs·cost·(W + 2·margin) ≤ SUSTAIN·W·frame_s``.
+        Smaller windows spend more on margins than the audio they add lasts, and every
+        listener falls behind together (four passages at once did, with 32-frame windows)."""
+        spare = SUSTAIN * HOP / self.rate - jobs * self.frame_cost_s
+        if spare <= 0:
+            return self.schedule[-1]
+        return min(self.schedule[-1], math.ceil(2 * self.margin * jobs * self.frame_cost_s / spare))
+
     def _frames_for(self, seconds: float) -> int:
         """Latent frames one window can decode in ``seconds``, margins paid."""
         if seconds == float("inf"):
             return 1 << 30
         return int(seconds / self.frame_cost_s) - 2 * self.margin
-
-    def _timed_decode(self, latents: dict[str, np.ndarray], start: int, end: int) -> np.ndarray:
-        t0 = time.perf_counter()
-        audio = self.decode(latents, start, end)
-        decoded = min(self.frames(latents), end + self.margin) - max(0, start - self.margin)
-        # A moving average of the wall time per decoded frame, as this machine runs it now.
-        self.frame_cost_s += 0.25 * ((time.perf_counter() - t0) / max(decoded, 1) - self.frame_cost_s)
-        return audio

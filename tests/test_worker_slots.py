@@ -20,7 +20,7 @@ from broker import mdp, tts
 from broker.tts import SynthesisRequest
 from engines.base import Engine
 from engines.runtime import WorkerRuntime
-from engines.schedule import Playback, next_up
+from engines.schedule import Pacing, Playback, next_up
 from tests.conftest import free_port
 
 RATE = 16000
@@ -52,11 +52,11 @@ class _Pieces(Engine):
 class _Broker:
     """The broker side of one worker, by hand."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: Engine | None = None) -> None:
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.bind(self.endpoint)
-        self.runtime = WorkerRuntime(_Pieces(), self.endpoint, heartbeat_s=0.5, liveness=20)
+        self.runtime = WorkerRuntime(engine or _Pieces(), self.endpoint, heartbeat_s=0.5, liveness=20)
         self.thread = threading.Thread(target=self.runtime.run)
         self.thread.start()
         assert self.sock.poll(10_000)
@@ -138,6 +138,72 @@ def test_a_request_beyond_the_slots_is_refused_and_cancel_touches_one_job(broker
     assert isinstance(finals[b"A"], tts.End)
 
 
+class _Holding(_Pieces):
+    """A test engine with two synthesis threads. ``hold`` sends 20 pieces (2 s of audio in hand),
+    then one more that takes until the runtime interrupts it (``Pacing.interrupt``) and is made
+    again afterwards; any other text is one piece."""
+
+    threads = 2
+
+    def __init__(self) -> None:
+        self.interrupted = 0
+
+    def speak_paced(self, text: str, request: SynthesisRequest, pacing: Pacing) -> Iterator[np.ndarray]:
+        if text != "hold":
+            yield np.zeros(RATE // 10, dtype=np.float32)
+            return
+        for _ in range(20):
+            yield np.zeros(RATE // 10, dtype=np.float32)
+        stopped = threading.Event()
+        with pacing.interruptible(stopped.set, cost=0.05):
+            cut = stopped.wait(30)
+        if cut:
+            self.interrupted += 1
+            yield np.zeros(0, dtype=np.float32)
+        yield np.zeros(RATE // 10, dtype=np.float32)
+
+
+def test_a_new_line_starts_on_the_second_thread_and_interrupts_a_long_piece_that_can_wait() -> None:
+    engine = _Holding()
+    b = _Broker(engine)
+    try:
+        b.request(b"A", "hold")
+        log = []
+        for reply in b.replies():
+            log.append(reply)
+            if sum(1 for job, _, ev in log if isinstance(ev, tts.Audio)) == 20:
+                b.request(b"B", "one")  # A is in its long piece, with 2 s of audio in hand
+                break
+        for reply in b.replies():
+            log.append(reply)
+            if sum(final for _, final, _ in log) == 2:
+                break
+    finally:
+        b.close()
+    order = [(job, type(ev).__name__) for job, _, ev in log]
+    assert order.index((b"B", "End")) < order.index((b"A", "End")), "B waited for A's long piece"
+    assert engine.interrupted == 1
+    seqs = [ev.seq for job, _, ev in log if job == b"A" and isinstance(ev, tts.Audio)]
+    assert seqs == list(range(21)), "a piece of A was lost or repeated"
+
+
+def test_a_run_is_interrupted_only_for_a_listener_that_cannot_wait_and_by_one_that_can() -> None:
+    playing = Playback(arrived=0.0, first=time.monotonic(), audio_s=2.0)  # 2 s in hand
+    pacing = Pacing(playing, lambda: ())
+    stops: list[int] = []
+    assert not pacing.interrupt(wait=0.1, other_lead=0.0)  # no run in progress
+    with pacing.interruptible(lambda: stops.append(1), cost=0.5):
+        assert not pacing.interrupt(wait=0.1, other_lead=1.0)  # the other can wait out the run
+        assert not pacing.interrupt(wait=1.0, other_lead=0.0)  # 2 s < SLACK·(1.0 + 0.5): this one cannot wait
+        assert pacing.interrupt(wait=0.1, other_lead=0.0)
+        assert not pacing.interrupt(wait=0.1, other_lead=0.0)  # cut once
+    assert stops == [1]
+    starved = Pacing(Playback(arrived=0.0, first=time.monotonic(), audio_s=0.1), lambda: ())
+    with starved.interruptible(lambda: stops.append(2), cost=0.05):
+        assert not starved.interrupt(wait=0.1, other_lead=0.0)
+    assert stops == [1]
+
+
 def test_earliest_deadline_first() -> None:
     class J:
         def __init__(self, playback: Playback) -> None:
@@ -180,9 +246,15 @@ class _Paced:
     def sharing(self) -> int:
         return self.n
 
+    def start_cost(self) -> float:
+        return 0.05
+
+    def starting(self) -> int:
+        return self.n - 1
+
 
 def test_windows_grow_with_the_audio_in_hand_and_shrink_for_the_others() -> None:
-    from engines.vits_split import MARGIN, SCHEDULE, FrameStreamer
+    from engines.vits_split import HOP, MARGIN, SCHEDULE, FrameStreamer
 
     streamer = FrameStreamer(None, None, [], None)  # type: ignore[arg-type]  # windows() needs no graph
     streamer.frame_cost_s = 0.001
@@ -196,6 +268,13 @@ def test_windows_grow_with_the_audio_in_hand_and_shrink_for_the_others() -> None
     crowded = list(streamer.windows(total, _Paced(own=10.0, others=0.08)))  # another listener has 0.16 s
     assert all(e - s <= max(SCHEDULE[1], 80 - 2 * MARGIN) for s, e in crowded[1:-1])
     shared = list(streamer.windows(total, _Paced(own=0.0, others=float("inf"), sharing=3)))
-    assert shared[0] == (0, 3 * SCHEDULE[0])  # its first audio must last while two others start
-    for windows in (alone, ahead, crowded, shared):
+    # Its first audio must last while the two others start and its own next window is decoded.
+    first_audio_s = shared[0][1] * HOP / streamer.rate
+    assert first_audio_s >= 2 * 0.05 + streamer.frame_cost_s * (shared[1][1] - shared[1][0] + 2 * MARGIN)
+    assert shared[0][1] > alone[0][1]
+    # Four listeners with little audio in hand: no later window so small that four of them, margins
+    # paid, take longer to decode than the audio they add lasts.
+    four = list(streamer.windows(total, _Paced(own=0.0, others=0.0, sharing=4)))
+    assert all(4 * streamer.frame_cost_s * (e - s + 2 * MARGIN) < (e - s) * HOP / streamer.rate for s, e in four[1:-1])
+    for windows in (alone, ahead, crowded, shared, four):
         assert windows[-1][1] == total and all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
