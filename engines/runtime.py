@@ -300,14 +300,18 @@ class WorkerRuntime:
         def takeable(job: _Job) -> bool:
             if job.busy:
                 return False
-            if job.playback.first is None or job.cancel.is_set():
+            if job.cancel.is_set():
                 return True
+            now = time.monotonic()
+            if job.playback.first is None:
+                # As next_up has it: no start while a listener has less audio than a start takes.
+                return not any(j.playback.first is not None and j.playback.lead(now) < self._start_cost for j in self._active)
             if starts_only:
                 return False
             # While another thread starts a line, the cores are its: only a listener about to
             # run dry is fed meanwhile.
             starting = any(j.busy and j.playback.first is None for j in self._active)
-            return not starting or job.playback.lead(time.monotonic()) < SLACK * self._start_cost
+            return not starting or job.playback.lead(now) < SLACK * self._start_cost
 
         try:
             while True:
