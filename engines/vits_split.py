@@ -60,6 +60,7 @@ HOP = 256
 
 
 _NOTHING = np.zeros(0, dtype=np.float32)
+"""What an interrupted window yields: no audio, a turn given back."""
 
 _GAIN_VERSION = 3
 """Part of the gain's cache key: bumped whenever its calibration changes (2: loudness-matched; 3: sixteen sentences)."""
@@ -262,10 +263,10 @@ class FrameStreamer:
         Windows follow the schedule, or are larger where ``pacing.budget()`` (seconds this
         stream may take now before its listener runs out of audio) allows: a window's cost is
         predicted from the decoder's measured time per frame, so a sentence spoken while audio
-        is in hand is decoded in few windows, or one, with few margins to pay for. The first
-        window grows with the jobs taking turns (``pacing.sharing()``): its audio must last
-        while each of them gets its own first window; and no later window is so small that
-        the jobs taking turns spend more on margins than their audio lasts."""
+        is in hand is decoded in few windows, or one, with few margins to pay for. With other jobs
+        taking turns, the first window's audio must last while those not yet started get their
+        first windows, and no later window is so small that the jobs taking turns spend more on
+        margins than their audio lasts (:meth:`_floor`)."""
         total = self.frames(latents)
         short = total <= self.schedule[0] + 2 * self.margin  # windows would decode more than the whole
         for start, end in [(0, total)] if short else self.windows(total, pacing):
