@@ -114,6 +114,9 @@ class CoreObserver(Protocol):
     def request_done(self, job: "Job", outcome: str, final: Optional[list[bytes]], now: float) -> None:
         """``job`` left the broker with ``outcome`` (one of ``OUTCOMES``); ``final`` is the FINAL body the client got, if any."""
 
+    def request_refused(self, service: bytes, code: str) -> None:
+        """A TTS request refused at admission with error ``code`` (it never became a job)."""
+
     def failover(self, reason: str) -> None:
         """A job failed over to another worker because of ``reason`` (the text ``tts.status`` shows)."""
 
@@ -703,7 +706,10 @@ class BrokerCore:
     def _refuse(self, job: Job, why: str, out: list[Action]) -> None:
         log.warning("refused request from client %s: %s", job.client.hex(), why)
         self.counters["errors"] += 1
-        out.append(Action(False, job.client, mdp.client_reply_frames(job.service, self._error_body(job.rid, tts.OVERLOADED, why), True)))
+        body = self._error_body(job.rid, tts.OVERLOADED, why)
+        if self.observer is not None:
+            self.observer.request_done(job, "errors", body, self.now)
+        out.append(Action(False, job.client, mdp.client_reply_frames(job.service, body, True)))
 
     def _tts_request(self, identity: bytes, service_raw: bytes, service: str, body: list[bytes], now: float, out: list[Action]) -> None:
         rid = body[0]
@@ -722,6 +728,8 @@ class BrokerCore:
 
         def fail(code: str, message: str) -> None:
             self.counters["errors"] += 1
+            if self.observer is not None:
+                self.observer.request_refused(service_raw, code)
             log.info("request %r from client %s refused: %s: %s", rid[:32], identity.hex(), code, message)
             out.append(Action(False, identity, mdp.client_reply_frames(service_raw, tts.error_body(rid, code, message), True)))
 

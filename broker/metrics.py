@@ -102,13 +102,19 @@ class BrokerMetrics:
 
     # ---------------------------------------------------- the core's events
 
-    def request_done(self, job: Job, outcome: str, final: Optional[list[bytes]], now: float) -> None:
-        """Count one finished request; observe its first audio, RTF and audio (TTS jobs)."""
-        service = job.service.decode("ascii", "replace")
+    def _service(self, raw: bytes) -> str:
+        service = raw.decode("ascii", "replace")
         core = self._core
         if service != tts.SERVICE and (core is None or service not in core.services):
-            service = "other"  # a name no worker registered: clients choose it, so it must not become a label
-        self.requests.labels(service, _outcome(job, outcome, final)).inc()
+            return "other"  # a name no worker registered: clients choose it, so it must not become a label
+        return service
+
+    def request_refused(self, service: bytes, code: str) -> None:
+        self.requests.labels(self._service(service), code if code in tts.ERROR_CODES else "other").inc()
+
+    def request_done(self, job: Job, outcome: str, final: Optional[list[bytes]], now: float) -> None:
+        """Count one finished request; observe its first audio, RTF and audio (TTS jobs)."""
+        self.requests.labels(self._service(job.service), _outcome(job, outcome, final)).inc()
         stream = job.stream
         if stream is None or not stream.engines:
             return

@@ -1,7 +1,8 @@
 """``/metrics`` after known traffic, parsed with ``prometheus_client``'s own parser (issue 15).
 
 A real ``serve`` with two Piper workers of the bundled voice and
-``[metrics] listen``; the test sends N requests that end, one it cancels
+``[metrics] listen``; the test sends N requests that end, one the broker
+refuses (blank text), one it cancels
 after its first audio, and one whose worker it kills with SIGKILL after the
 first audio (it fails over to the other worker and ends). Every counter and
 histogram count must equal what was sent; the audio seconds must equal what
@@ -95,6 +96,10 @@ def test_metrics_count_exactly_what_happened(metered: tuple[Served, str]) -> Non
             s.check_invariants()
             assert s.names()[-1] == b"end"
             received += len(s.pcm()) // 2
+        # One refused at admission.
+        s = c.request(b"blank", {"text": "   "})
+        c.wait(s)
+        assert s.json_of(b"error")["code"] == "bad_request"
         # One cancelled after its first audio.
         s = c.request(b"cancel-me", {"text": STORY})
         first_audio_pid(c, s)
@@ -117,7 +122,8 @@ def test_metrics_count_exactly_what_happened(metered: tuple[Served, str]) -> Non
     requests = m["tts_broker_requests_total"]
     assert total(requests, service="tts", outcome="end") == N + 1
     assert total(requests, service="tts", outcome="cancelled") == 1
-    assert total(requests) == N + 2, requests
+    assert total(requests, service="tts", outcome="bad_request") == 1
+    assert total(requests) == N + 3, requests
     fa = m["tts_broker_first_audio_seconds_count"]
     assert total(fa, engine="piper", voice=EN_VOICE) == N + 2 == total(fa), fa
     # The histogram is consistent: +Inf bucket == count, buckets never decrease.

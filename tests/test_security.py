@@ -256,6 +256,8 @@ class CaptureRelay(threading.Thread):
         while not self.stop.is_set():
             ready, _, _ = select.select([self.listener, *pairs], [], [], 0.05)
             for s in ready:
+                if s is not self.listener and s not in pairs:
+                    continue  # closed with its other half earlier in this round
                 if s is self.listener:
                     down, _ = self.listener.accept()
                     up = socket.create_connection(self.upstream)
