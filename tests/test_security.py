@@ -121,7 +121,14 @@ def dealer(endpoint: str, curve: Optional[tuple[bytes, bytes, bytes]]) -> zmq.So
 
 
 def answered(sock: zmq.Socket, frames: list[bytes], within: float = NOTHING_S) -> bool:
-    sock.send_multipart(frames)
+    """Send and wait for any reply. A refused handshake leaves the DEALER no peer to queue
+    for, so its send would block: it is made with a bounded wait, and not being able to
+    send at all counts as getting nothing too."""
+    sock.setsockopt(zmq.SNDTIMEO, int(within * 1000))
+    try:
+        sock.send_multipart(frames)
+    except zmq.Again:
+        return False
     return bool(sock.poll(within * 1000))
 
 
@@ -260,7 +267,11 @@ class CaptureRelay(threading.Thread):
                     continue  # closed with its other half earlier in this round
                 if s is self.listener:
                     down, _ = self.listener.accept()
-                    up = socket.create_connection(self.upstream)
+                    try:
+                        up = socket.create_connection(self.upstream)
+                    except OSError:  # the broker is not listening yet: ZeroMQ reconnects
+                        down.close()
+                        continue
                     pairs[down], pairs[up] = up, down
                     upstream_side.add(up)
                     continue
