@@ -48,7 +48,12 @@ fn option_ms(d: Duration) -> i32 {
 /// says so) when the broker is silent for three intervals, so a broker that
 /// froze or vanished without closing TCP is noticed as a lost connection.
 /// `curve`: the keys for a broker with CURVE (`None`: plain ZeroMQ).
-pub(crate) fn open(ctx: &zmq::Context, endpoint: &str, heartbeat: Duration, curve: Option<&CurveKeys>) -> Result<Connection, Error> {
+pub(crate) fn open(
+    ctx: &zmq::Context,
+    endpoint: &str,
+    heartbeat: Duration,
+    curve: Option<&CurveKeys>,
+) -> Result<Connection, Error> {
     let n = CLIENTS.fetch_add(1, Ordering::Relaxed);
     let prefix = random_prefix(n);
     let sock = ctx.socket(zmq::DEALER)?;

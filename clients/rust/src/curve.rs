@@ -44,7 +44,10 @@ pub fn curve_available() -> bool {
 fn check_key(what: &str, key: &str) -> Result<String, Error> {
     let key = key.trim();
     if key.len() != 40 {
-        return Err(Error::Curve(format!("{what}: a z85 key has 40 characters, got {}", key.len())));
+        return Err(Error::Curve(format!(
+            "{what}: a z85 key has 40 characters, got {}",
+            key.len()
+        )));
     }
     // libzmq's decoder accepts any byte: check the z85 alphabet ourselves.
     const Z85: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#";
@@ -56,11 +59,14 @@ fn check_key(what: &str, key: &str) -> Result<String, Error> {
 
 /// The value of `name = "…"` in a zmq.auth certificate (`public-key`, `secret-key`), if present.
 fn certificate_field(text: &str, name: &str) -> Option<String> {
-    text.lines().map(str::trim).filter(|l| !l.starts_with('#')).find_map(|line| {
-        let rest = line.strip_prefix(name)?.trim_start();
-        let value = rest.strip_prefix('=')?.trim();
-        Some(value.trim_matches(|c| c == '"' || c == '\'').to_string())
-    })
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let rest = line.strip_prefix(name)?.trim_start();
+            let value = rest.strip_prefix('=')?.trim();
+            Some(value.trim_matches(|c| c == '"' || c == '\'').to_string())
+        })
 }
 
 fn read(path: &Path) -> Result<String, Error> {
@@ -79,11 +85,17 @@ impl CurveKeys {
 
     /// Read the client's secret certificate (`NAME.key_secret`) and the
     /// broker's public one (`broker.key`), in zmq.auth's format.
-    pub fn from_files(secret_certificate: impl AsRef<Path>, broker_certificate: impl AsRef<Path>) -> Result<CurveKeys, Error> {
+    pub fn from_files(
+        secret_certificate: impl AsRef<Path>,
+        broker_certificate: impl AsRef<Path>,
+    ) -> Result<CurveKeys, Error> {
         let (own, broker) = (secret_certificate.as_ref(), broker_certificate.as_ref());
         let text = read(own)?;
         let secret = certificate_field(&text, "secret-key").ok_or_else(|| {
-            Error::Curve(format!("{}: no secret-key (give the NAME.key_secret file, not NAME.key)", own.display()))
+            Error::Curve(format!(
+                "{}: no secret-key (give the NAME.key_secret file, not NAME.key)",
+                own.display()
+            ))
         })?;
         let public = certificate_field(&text, "public-key")
             .ok_or_else(|| Error::Curve(format!("{}: no public-key", own.display())))?;
@@ -105,7 +117,9 @@ impl CurveKeys {
     /// Make `sock` a CURVE client of the broker; before `connect`.
     pub(crate) fn apply(&self, sock: &zmq::Socket) -> Result<(), Error> {
         if !curve_available() {
-            return Err(Error::Curve("this libzmq was built without CURVE (zmq_has(\"curve\") is false)".into()));
+            return Err(Error::Curve(
+                "this libzmq was built without CURVE (zmq_has(\"curve\") is false)".into(),
+            ));
         }
         let decode = |k: &str| zmq::z85_decode(k).map_err(|e| Error::Curve(format!("bad z85 key: {e}")));
         sock.set_curve_serverkey(&decode(&self.server)?)?;
@@ -124,7 +138,10 @@ mod tests {
 
     #[test]
     fn debians_libzmq_has_curve() {
-        assert!(curve_available(), "libzmq without CURVE: the secure broker cannot be reached");
+        assert!(
+            curve_available(),
+            "libzmq without CURVE: the secure broker cannot be reached"
+        );
     }
 
     #[test]
@@ -145,7 +162,9 @@ mod tests {
         // The public certificate has no secret key: a clear error, not a silent plain connection.
         let err = CurveKeys::from_files(&public, &public).unwrap_err().to_string();
         assert!(err.contains("no secret-key"), "{err}");
-        let err = CurveKeys::from_files(dir.join("missing"), &public).unwrap_err().to_string();
+        let err = CurveKeys::from_files(dir.join("missing"), &public)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cannot read certificate"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -153,9 +172,15 @@ mod tests {
     #[test]
     fn refuses_malformed_keys() {
         assert!(CurveKeys::new(SECRET, PUBLIC, PUBLIC).is_ok());
-        assert!(CurveKeys::new("short", PUBLIC, PUBLIC).unwrap_err().to_string().contains("40 characters"));
+        assert!(CurveKeys::new("short", PUBLIC, PUBLIC)
+            .unwrap_err()
+            .to_string()
+            .contains("40 characters"));
         let bad = "~".repeat(40);
-        assert!(CurveKeys::new(SECRET, PUBLIC, &bad).unwrap_err().to_string().contains("not z85"));
+        assert!(CurveKeys::new(SECRET, PUBLIC, &bad)
+            .unwrap_err()
+            .to_string()
+            .contains("not z85"));
     }
 
     #[test]

@@ -11,9 +11,9 @@ use super::io::Io;
 use super::mailbox::{Command, Mailbox};
 use super::stream::{Stream, StreamQueue};
 use crate::audio::Audio;
-use crate::curve::CurveKeys;
 use crate::client::DEFAULT_TIMEOUT;
 use crate::conn::{self, deadline_after, expired, DEFAULT_HEARTBEAT};
+use crate::curve::CurveKeys;
 use crate::demux::{self, Progress};
 use crate::error::Error;
 use crate::protocol::{
