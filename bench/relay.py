@@ -142,8 +142,10 @@ def run_security(rounds: int = 10, per_round: int = 300, warmup: int = 200) -> d
                 for _ in range(warmup):
                     n += 1
                     _round_trip(socks[p], b"tts", b"w%d" % n)
-            for _ in range(rounds):
-                for p in SECURITY_PATHS:  # interleaved: every path sees the same machine noise
+            for r in range(rounds):
+                # Interleaved, and the order rotated each round: every path sees the same machine
+                # noise, and none is always the one measured right after another.
+                for p in SECURITY_PATHS[r % 3 :] + SECURITY_PATHS[: r % 3]:
                     for _ in range(per_round):
                         n += 1
                         hists[p].record_value(max(1, _round_trip(socks[p], b"tts", b"r%d" % n)))
