@@ -7,6 +7,7 @@ silently ignored.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -21,6 +22,9 @@ from . import keys
 from .core import CoreSettings
 from .routing import Step, parse_step
 from .tts import normalize_language
+
+
+log = logging.getLogger("broker.config")
 
 
 class ConfigError(ValueError):
@@ -236,8 +240,11 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _worker_keys(self) -> "Config":
         for i, w in enumerate(self.workers):
-            if (w.curve_key or w.broker_key) and not self.security.curve:
-                raise ValueError(f"workers.{i}: curve_key / broker_key need [security] curve = true")
+            if not self.security.curve:
+                if w.curve_key or w.broker_key:
+                    # Not an error, so that one file can switch CURVE on and off; but said.
+                    log.warning("workers.%d: curve_key / broker_key ignored: [security] curve is false", i)
+                continue
             try:
                 if w.curve_key is not None:
                     keys.key_pair(w.curve_key)

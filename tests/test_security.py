@@ -426,7 +426,7 @@ def test_security_config_is_checked(tmp_path: Path, keydirs: KeyDirs) -> None:
     assert "security.curv" in load("[security]\ncurv = true\n")
     assert "no secret-key" in load(security_toml(keydirs).replace(str(keydirs.broker), str(keydirs.broker_public)))
     assert "not a directory" in load(security_toml(keydirs).replace(str(keydirs.root / "clients"), str(tmp_path / "nope")))
-    assert "need [security] curve = true" in load(f'[[workers]]\ncurve_key = "{keydirs.secret("good")}"\n')
+    assert "holds no secret-key" in load(security_toml(keydirs) + f'[[workers]]\ncurve_key = "{keydirs.broker_public}"\n')
     p = tmp_path / "ok.toml"
     p.write_text(security_toml(keydirs) + f'[metrics]\nlisten = "127.0.0.1:9464"\n[[workers]]\ncurve_key = "{keydirs.secret("good")}"\n')
     cfg = load_config(p)
