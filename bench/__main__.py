@@ -19,6 +19,8 @@ from .common import machine_info
 
 GOALS = {
     "relay_overhead_ratio": ("<=", 1.3),
+    "curve_overhead_ratio": ("<=", 1.10),
+    "metrics_overhead_ratio": ("<=", 1.02),
     "ttfa_ratio": ("<=", 1.10),
     "chunks_per_s": (">=", 20_000),
     "failover_gap_ms": ("<=", 1000),
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return results[name]
 
     step("relay", lambda: relay.run(rounds=5 if q else 20, per_round=300))
+    step("security", lambda: relay.run_security(rounds=5 if q else 20, per_round=300))
     step("ttfa_piper", lambda: ttfa.run_piper(reps=15 if q else 40))
     step("piper_modes", lambda: ttfa.run_piper_modes(reps=10 if q else 25))
     if not a.skip_xtts:
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     headline = {
         "relay_overhead_ratio": results["relay"]["relay_overhead_ratio"],
+        "curve_overhead_ratio": results["security"]["curve_overhead_ratio"],
+        "metrics_overhead_ratio": results["security"]["metrics_overhead_ratio"],
         "ttfa_ratio": results["ttfa_piper"]["ttfa_ratio"],
         "ttfa_ratio_sentence_mode": results["ttfa_piper"]["sentence_mode"]["ttfa_ratio"],
         "chunks_per_s": results["throughput"]["chunks_per_s"],

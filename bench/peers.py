@@ -90,14 +90,23 @@ def run_relay_worker(backend: str, chunks: int, nbytes: int) -> None:
             sock.send_multipart([client, *r])
 
 
-def run_engine(backend: str, sockets: int, chunks: int, nbytes: int, heartbeat_s: float = 0.25) -> None:
-    """``sockets`` synthetic MDP/0.2 engine workers in one poll loop."""
+def run_engine(
+    backend: str, sockets: int, chunks: int, nbytes: int, heartbeat_s: float = 0.25, curve: tuple[str, str] | None = None
+) -> None:
+    """``sockets`` synthetic MDP/0.2 engine workers in one poll loop; ``curve``: (secret cert, broker cert) paths."""
+    keys = None
+    if curve is not None:
+        from broker.keys import connecting_keys
+
+        keys = connecting_keys(*curve)
     ctx = zmq.Context.instance()
     caps = json.dumps({"protocol": "tts/1", "engine": "piper", "languages": ["en"], "voices": ["synthetic"], "sample_rate": 22050}).encode()
     socks = []
     poller = zmq.Poller()
     for _ in range(sockets):
         s = ctx.socket(zmq.DEALER)
+        if keys is not None:
+            s.curve_publickey, s.curve_secretkey, s.curve_serverkey = keys.public, keys.secret, keys.server
         s.connect(backend)
         s.send_multipart([b"MDPW02", b"\x01", b"piper.synthetic", caps])
         poller.register(s, zmq.POLLIN)
@@ -125,6 +134,8 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=5)
     p.add_argument("--bytes", type=int, default=1764)
     p.add_argument("--sockets", type=int, default=1)
+    p.add_argument("--curve-key", help="engine: secret certificate, for a broker with CURVE")
+    p.add_argument("--broker-key", help="engine: the broker's public certificate")
     a = p.parse_args()
     if a.role == "direct":
         run_direct(a.frontend, a.chunks, a.bytes)
@@ -135,7 +146,7 @@ def main() -> None:
     elif a.role == "relay-worker":
         run_relay_worker(a.backend, a.chunks, a.bytes)
     else:
-        run_engine(a.backend, a.sockets, a.chunks, a.bytes)
+        run_engine(a.backend, a.sockets, a.chunks, a.bytes, curve=(a.curve_key, a.broker_key) if a.curve_key else None)
 
 
 if __name__ == "__main__":

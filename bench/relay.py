@@ -12,17 +12,24 @@ PCM at 22,050 Hz) + ``end``, timed from send to the FINAL at the client:
   heartbeats, sequence rewriting and statistics.
 
 ``relay_overhead_ratio`` = broker p50 / relay p50.
+
+:func:`run_security` measures the same round trip through three brokers,
+interleaved: plain, with CURVE on both sockets (client and engine
+authenticated), and with ``[metrics]`` on. ``curve_overhead_ratio`` = CURVE
+p50 / plain p50, ``metrics_overhead_ratio`` = metrics p50 / plain p50.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import zmq
 
-from .common import endpoint, histogram, processes, summary, cdf
+from .common import cdf, endpoint, histogram, processes, summary
 
 PATHS = ("direct", "relay", "proxy", "broker")
 REQUEST = json.dumps({"text": "Hello there."}).encode()
@@ -79,4 +86,77 @@ def run(rounds: int = 10, per_round: int = 300, warmup: int = 200) -> dict[str, 
         "cdf": {p: cdf(h) for p, h in hists.items()},
         "relay_overhead_ratio": round(result["broker"]["p50"] / result["relay"]["p50"], 3),
         "relay_overhead_ratio_p99": round(result["broker"]["p99"] / result["relay"]["p99"], 3),
+    }
+
+
+SECURITY_PATHS = ("plain", "curve", "metrics")
+
+
+def run_security(rounds: int = 10, per_round: int = 300, warmup: int = 200) -> dict[str, Any]:
+    """The broker round trip plain, with CURVE and with metrics on, interleaved in one run."""
+    import zmq.auth
+
+    from broker.keys import connecting_keys
+
+    with tempfile.TemporaryDirectory(prefix="bench-curve-") as tmp:
+        d = Path(tmp)
+        for sub in ("clients", "workers"):
+            (d / sub).mkdir()
+        zmq.auth.create_certificates(d, "broker")
+        zmq.auth.create_certificates(d / "clients", "bench")
+        zmq.auth.create_certificates(d / "workers", "engine")
+        configs = {
+            "plain": "",
+            "curve": (
+                f'[security]\ncurve = true\nbroker_key = "{d / "broker.key_secret"}"\n'
+                f'client_keys = "{d / "clients"}"\nworker_keys = "{d / "workers"}"\n'
+            ),
+            "metrics": f'[metrics]\nlisten = "127.0.0.1:{endpoint().rsplit(":", 1)[1]}"\n',
+        }
+        ep = {p: (endpoint(), endpoint()) for p in SECURITY_PATHS}
+        argvs = []
+        for p in SECURITY_PATHS:
+            cfg = d / f"{p}.toml"
+            cfg.write_text("workers = []\n" + configs[p])
+            argvs.append(["-m", "broker", "--config", str(cfg), "--frontend", ep[p][0], "--backend", ep[p][1], "--log-level", "WARNING"])
+            engine = ["-m", "bench.peers", "engine", "--backend", ep[p][1]]
+            if p == "curve":
+                engine += ["--curve-key", str(d / "workers" / "engine.key_secret"), "--broker-key", str(d / "broker.key")]
+            argvs.append(engine)
+        with processes(*argvs):
+            ctx = zmq.Context.instance()
+            socks = {}
+            for p in SECURITY_PATHS:
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                if p == "curve":
+                    keys = connecting_keys(d / "clients" / "bench.key_secret", d / "broker.key")
+                    assert keys is not None
+                    s.curve_publickey, s.curve_secretkey, s.curve_serverkey = keys.public, keys.secret, keys.server
+                s.connect(ep[p][0])
+                socks[p] = s
+            time.sleep(1.5)  # let every broker bind and its engine register (CURVE handshakes included)
+            hists = {p: histogram() for p in SECURITY_PATHS}
+            n = 0
+            for p in SECURITY_PATHS:
+                for _ in range(warmup):
+                    n += 1
+                    _round_trip(socks[p], b"tts", b"w%d" % n)
+            for r in range(rounds):
+                # Interleaved, and the order rotated each round: every path sees the same machine
+                # noise, and none is always the one measured right after another.
+                for p in SECURITY_PATHS[r % 3 :] + SECURITY_PATHS[: r % 3]:
+                    for _ in range(per_round):
+                        n += 1
+                        hists[p].record_value(max(1, _round_trip(socks[p], b"tts", b"r%d" % n)))
+            for s in socks.values():
+                s.close()
+    result = {p: summary(h) for p, h in hists.items()}
+    return {
+        "unit": "µs per round trip (request + 7 replies), through the broker",
+        "paths": result,
+        "curve_overhead_ratio": round(result["curve"]["p50"] / result["plain"]["p50"], 3),
+        "curve_overhead_ratio_p99": round(result["curve"]["p99"] / result["plain"]["p99"], 3),
+        "metrics_overhead_ratio": round(result["metrics"]["p50"] / result["plain"]["p50"], 3),
+        "metrics_overhead_ratio_p99": round(result["metrics"]["p99"] / result["plain"]["p99"], 3),
     }

@@ -93,6 +93,7 @@ def _table(results: dict[str, Any], goals: dict[str, tuple[str, float]]) -> str:
         "",
         "![relay CDF](relay_cdf.png)",
         "",
+        *_security_rows(results),
         "## Time to first audio",
         "",
         "| engine | in-process ms | broker ms | ratio | in-process RTF | broker RTF |",
@@ -203,6 +204,24 @@ def _peer_lines(p: dict[str, Any]) -> list[str]:
         row("after the run", "engine process RSS MB", p["rss"]["ours"]["largest_mb"], p["rss"]["wyoming"]["largest_mb"], q["peer_rss_ratio"]),
         "",
         "![table scene](table_scene.png)",
+        "",
+    ]
+
+
+def _security_rows(results: dict[str, Any]) -> list[str]:
+    """The broker round trip plain / CURVE / metrics (bench.relay.run_security), when measured."""
+    sec = results.get("security")
+    if not sec:
+        return []
+    return [
+        "## CURVE and metrics (µs per round trip through the broker, interleaved)",
+        "",
+        "| broker | p50 | p90 | p99 |",
+        "|---|---|---|---|",
+        *[f"| {name} | {v['p50']} | {v['p90']} | {v['p99']} |" for name, v in sec["paths"].items()],
+        "",
+        f"`curve_overhead_ratio` = **{sec['curve_overhead_ratio']}** (p99 {sec['curve_overhead_ratio_p99']}), "
+        f"`metrics_overhead_ratio` = **{sec['metrics_overhead_ratio']}** (p99 {sec['metrics_overhead_ratio_p99']}).",
         "",
     ]
 

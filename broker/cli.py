@@ -1,4 +1,4 @@
-"""``tts-broker``: serve, say, status, demo."""
+"""``tts-broker``: serve, say, status, demo, keys."""
 
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ import zmq
 
 from engines import registry as engines
 
-from . import tts
+from . import keys, tts
 from .client import TtsClient, TtsError
 from .config import BrokerConfig, Config, ConfigError, load_config
 
 if TYPE_CHECKING:
+    from .metrics import BrokerMetrics
+    from .security import CurveServer, LocalWorkerKeys
     from .server import BrokerServer
 
 log = logging.getLogger("broker.cli")
@@ -80,22 +82,44 @@ class Service:
     would leave ``serve`` up but deaf, so :meth:`check` (polled by ``serve``)
     replaces it with a fresh broker on the same endpoints. Workers re-register
     by themselves once the old broker falls silent; requests in flight on the
-    dead one are lost, and its counters restart from zero.
+    dead one are lost, and its counters restart from zero (``tts.status``'s;
+    the metrics, kept here, go on).
+
+    What must outlive a broker thread is made once, here: the ZAP handler and
+    keys (``[security]``; libzmq has one ZAP endpoint per context), the key
+    pair made for this ``serve``'s own workers, and the metrics with their
+    HTTP server (``[metrics]``).
     """
 
     REBIND_S = 5.0
     """How long a restart retries binding while the dead broker's sockets are being closed."""
 
     def __init__(self, cfg: Config) -> None:
-        from .__main__ import serve_broker
+        from .__main__ import check_binds, serve_broker, start_metrics, start_security
         from .supervisor import Supervisor
 
-        self.server = serve_broker(cfg)
+        check_binds(cfg)
+        self.local_keys: Optional[LocalWorkerKeys] = None
+        self.security: Optional[CurveServer] = None
+        self.metrics: Optional[BrokerMetrics] = None
+        try:
+            if cfg.security.curve and any(w.count and not (w.curve_key and w.broker_key) for w in cfg.workers):
+                from .security import LOCAL_WORKER, LocalWorkerKeys
+
+                self.local_keys = LocalWorkerKeys(keys.key_pair(cfg.security.broker_key)[0])  # type: ignore[arg-type]
+                self.security = start_security(cfg, {self.local_keys.public: LOCAL_WORKER})
+            else:
+                self.security = start_security(cfg)
+            self.metrics = start_metrics(cfg)
+            self.server = serve_broker(cfg, self.security, self.metrics)
+        except BaseException:
+            self._release()
+            raise
         # The bound endpoints (real ports for ``*``): workers and restarts use these.
         cfg.broker.backend = self.server.backend_ep
         cfg.broker.frontend = self.server.frontend_ep
         self.cfg = cfg
-        self.supervisor = Supervisor(cfg)
+        self.supervisor = Supervisor(cfg, self.local_keys, self.metrics.worker_restarted if self.metrics else None)
         self.restarts = 0
         """Broker threads replaced by :meth:`check`."""
         self._stopping = False
@@ -110,6 +134,22 @@ class Service:
         self.supervisor.stop()
         self.server.stop()
         self.thread.join(timeout=5)
+        self._release()
+
+    def _release(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.security is not None:
+            self.security.stop()
+        if self.local_keys is not None:
+            self.local_keys.close()
+
+    def reload_keys(self) -> None:
+        """SIGHUP: re-read the key directories (new connections only); without CURVE, say so."""
+        if self.security is None:
+            log.info("SIGHUP: nothing to reload ([security] curve is off)")
+        else:
+            self.security.reload()
 
     def _start_broker(self) -> threading.Thread:
         server = self.server
@@ -140,7 +180,7 @@ class Service:
         deadline = time.monotonic() + self.REBIND_S
         while True:
             try:
-                return serve_broker(self.cfg)
+                return serve_broker(self.cfg, self.security, self.metrics)
             except zmq.ZMQError as exc:
                 # The old sockets are closed by run() on its way out, but libzmq
                 # releases the ports asynchronously.
@@ -158,16 +198,26 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.backend:
         cfg.broker.backend = a.backend
     stop = False
+    hup = False
 
     def on_signal(*_: object) -> None:
         nonlocal stop
         stop = True
 
+    def on_hup(*_: object) -> None:
+        # Only a flag: the reload runs in the loop below, on this (the main) thread.
+        nonlocal hup
+        hup = True
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
     with Service(cfg) as svc:
         while not stop:
             time.sleep(0.1)
+            if hup:
+                hup = False
+                svc.reload_keys()
             svc.check()
     log.info("shut down cleanly")
     return 0
@@ -177,14 +227,18 @@ def _options(a: argparse.Namespace) -> dict:
     return {"language": a.language, "engine": a.engine, "voice": a.voice, "format": a.format, "sample_rate": a.sample_rate}
 
 
+def _curve(a: argparse.Namespace) -> dict:
+    return {"curve_key": a.curve_key, "broker_key": a.broker_key}
+
+
 def cmd_say(a: argparse.Namespace) -> int:
-    with TtsClient(a.frontend, timeout=a.timeout) as client:
+    with TtsClient(a.frontend, timeout=a.timeout, **_curve(a)) as client:
         _print_result(speak_to_wav(client, a.text, Path(a.output), **_options(a)))
     return 0
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    with TtsClient(a.frontend) as client:
+    with TtsClient(a.frontend, **_curve(a)) as client:
         st = client.status(timeout=a.timeout)
     if a.json:
         print(json.dumps(st, indent=2))
@@ -195,9 +249,26 @@ def cmd_status(a: argparse.Namespace) -> int:
         if svc["last_failure"]:
             print(f"    last failure: {svc['last_failure']}")
         for w in svc["workers"]:
-            print(f"    {w['id']}  pid {w['pid']} on {w['host']}  {'busy' if w['busy'] else 'idle'}  served {w['served']}")
+            cert = f"  certificate {w['certificate']}" if w.get("certificate") else ""
+            print(f"    {w['id']}  pid {w['pid']} on {w['host']}  {'busy' if w['busy'] else 'idle'}  served {w['served']}{cert}")
     print(f"waiting {st['waiting']}  in flight {st['inflight']}  counters {st['counters']}")
     return 0
+
+
+def cmd_keys(a: argparse.Namespace) -> int:
+    """Write a CURVE key pair in zmq.auth's certificate format (the secret file 0600)."""
+    try:
+        public, secret = keys.create_pair(a.dir, a.name)
+    except keys.CertificateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {public} (public: hand it out) and {secret} (secret: keep it, mode 0600)")
+    return 0
+
+
+def _curve_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--curve-key", help="this client's secret certificate (NAME.key_secret), for a broker with CURVE")
+    s.add_argument("--broker-key", help="the broker's public certificate (broker.key)")
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -236,13 +307,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     s.add_argument("--sample-rate", type=int)
     s.add_argument("--frontend", default=d.frontend)
     s.add_argument("--timeout", type=float, default=30.0)
+    _curve_arguments(s)
     s.set_defaults(func=cmd_say)
 
     s = sub.add_parser("status", help="live workers per service")
     s.add_argument("--frontend", default=d.frontend)
     s.add_argument("--timeout", type=float, default=2.0)
     s.add_argument("--json", action="store_true")
+    _curve_arguments(s)
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("keys", help="write a CURVE key pair: DIR/NAME.key (public) and DIR/NAME.key_secret (secret, 0600)")
+    s.add_argument("dir")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_keys)
 
     s = sub.add_parser("demo", help="start everything on the bundled voice and speak one passage")
     s.add_argument("text", nargs="?", default=DEMO_TEXT)
@@ -256,7 +334,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except TtsError as exc:
+    except (TtsError, keys.CertificateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -7,6 +7,12 @@ any order (not thread-safe: one client per thread).
 
 ``AsyncTtsClient`` is the asyncio twin: one reader task dispatches replies to
 per-stream queues.
+
+Both take ``curve_key`` and ``broker_key`` for a broker with CURVE
+(``[security] curve = true``): the client's own secret certificate and the
+broker's public one, as file paths (``str``/``os.PathLike``, the files
+``tts-broker keys`` writes) or as the z85 keys themselves (``bytes``). A
+broker that does not know the key sends nothing back: the streams time out.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import zmq
 import zmq.asyncio
 
 from . import mdp, tts
+from .keys import KeySource, connecting_keys, secure_connect
 from .tts import Audio, End, Error, Event, Start
 
 
@@ -117,13 +124,23 @@ class Stream(_StreamState):
 
 
 class TtsClient:
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", *, timeout: float = 30.0, context: Optional[zmq.Context] = None) -> None:
+    def __init__(
+        self,
+        endpoint: str = "tcp://127.0.0.1:5555",
+        *,
+        timeout: float = 30.0,
+        context: Optional[zmq.Context] = None,
+        curve_key: Optional[KeySource] = None,
+        broker_key: Optional[KeySource] = None,
+    ) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         """Seconds without any message for a stream before it fails with ``timeout``."""
+        curve = connecting_keys(curve_key, broker_key)  # a bad key fails here, before any socket exists
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        secure_connect(self.sock, curve)
         # A dropped connection means the broker died or restarted: it has
         # forgotten our streams, so they fail now instead of at the timeout.
         self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -298,11 +315,20 @@ class AsyncStream(_StreamState):
 class AsyncTtsClient:
     """asyncio client; create it inside a running loop and ``await close()`` when done."""
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        endpoint: str = "tcp://127.0.0.1:5555",
+        *,
+        timeout: float = 30.0,
+        curve_key: Optional[KeySource] = None,
+        broker_key: Optional[KeySource] = None,
+    ) -> None:
         self.timeout = timeout
+        curve = connecting_keys(curve_key, broker_key)
         self.ctx = zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        secure_connect(self.sock, curve)
         self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
         self._streams: dict[bytes, AsyncStream] = {}

@@ -7,6 +7,7 @@ silently ignored.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -17,9 +18,13 @@ from engines import registry as engines
 from engines.registry import EngineOptions
 from models.registry import VoiceNotFound, coqui_xtts_v2_dir
 
+from . import keys
 from .core import CoreSettings
 from .routing import Step, parse_step
 from .tts import normalize_language
+
+
+log = logging.getLogger("broker.config")
 
 
 class ConfigError(ValueError):
@@ -55,6 +60,78 @@ class BrokerConfig(_Strict):
     after it, its requests route as if it had never registered."""
 
 
+class SecurityConfig(_Strict):
+    """``[security]``: CurveZMQ on both sockets, who may connect, and the plain-text guard.
+
+    Paths are read relative to the working directory, like every other path
+    of the configuration (``model_dir``, ``voice_dirs``)."""
+
+    curve: bool = False
+    """Both ROUTER sockets are CURVE servers; only the certificates in the key directories get in."""
+    broker_key: Optional[str] = None
+    """The broker's secret certificate (``NAME.key_secret``)."""
+    client_keys: Optional[str] = None
+    """Directory of public certificates (``*.key``) allowed on the frontend."""
+    worker_keys: Optional[str] = None
+    """Directory of public certificates (``*.key``) allowed on the backend."""
+    worker_services: dict[str, list[str]] = Field(default_factory=dict)
+    """Certificate name (``gpu1`` for ``gpu1.key``) -> services it may register (``fnmatch``
+    patterns: ``"piper.*"``); a certificate not listed may register any engine service."""
+    allow_insecure: bool = False
+    """Without CURVE, allow binding an address other hosts can reach (plain text, no access control)."""
+
+    @model_validator(mode="after")
+    def _curve_files(self) -> "SecurityConfig":
+        if not self.curve:
+            return self
+        for key in ("broker_key", "client_keys", "worker_keys"):
+            if getattr(self, key) is None:
+                raise ValueError(f"{key} is required with curve = true")
+        try:
+            keys.key_pair(self.broker_key)  # type: ignore[arg-type]
+        except keys.CertificateError as exc:
+            raise ValueError(f"broker_key: {exc}") from None
+        for key in ("client_keys", "worker_keys"):
+            if not Path(getattr(self, key)).is_dir():
+                raise ValueError(f"{key}: {getattr(self, key)} is not a directory")
+        return self
+
+    @field_validator("worker_services")
+    @classmethod
+    def _patterns(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, services in v.items():
+            if any(not s.strip() for s in services):
+                raise ValueError(f"{name}: an empty service name")
+        return v
+
+
+class MetricsConfig(_Strict):
+    """``[metrics]``: Prometheus text exposition at ``http://LISTEN/metrics``; absent or unset: off."""
+
+    listen: Optional[str] = None
+    """``HOST:PORT`` (``[::1]:9464`` for IPv6) the metrics HTTP server binds."""
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            split_host_port(v)
+        return v
+
+    def address(self) -> Optional[tuple[str, int]]:
+        return None if self.listen is None else split_host_port(self.listen)
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` -> ("127.0.0.1", 9464); ``"[::1]:9464"`` -> ("::1", 9464); ValueError otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
 class RoutingConfig(_Strict):
     chains: dict[str, list[str]] = Field(default_factory=dict)
     """Fallback chain per language: ``{ en = ["piper:en_US-joe-medium", "xtts"] }``."""
@@ -85,6 +162,11 @@ class WorkerConfig(BaseModel):
     slots: Optional[int] = Field(default=None, ge=1, le=64)
     """Requests each worker holds at once, spoken in turns by playback deadline; unset: the
     engine's own default (Piper 4, XTTS 1)."""
+    curve_key: Optional[str] = None
+    """This entry's workers' secret certificate, with ``[security] curve = true``; unset: the
+    key pair ``serve`` makes for its own workers at each start (certificate name ``serve-local``)."""
+    broker_key: Optional[str] = None
+    """The broker's public certificate for these workers; unset: the broker's own (from ``[security] broker_key``)."""
     _options: EngineOptions = PrivateAttr()
 
     @field_validator("engine")
@@ -121,6 +203,8 @@ class Config(_Strict):
     """Modules that register further engines (``engines/registry.py``), imported before ``workers`` is read."""
     broker: BrokerConfig = BrokerConfig()
     routing: RoutingConfig = RoutingConfig()
+    security: SecurityConfig = SecurityConfig()
+    metrics: MetricsConfig = MetricsConfig()
     workers: list[WorkerConfig] = Field(default_factory=lambda: [WorkerConfig()])
     voice_dirs: list[str] = Field(default_factory=list)
     """Extra directories searched for ``NAME.onnx`` voices."""
@@ -151,6 +235,23 @@ class Config(_Strict):
                 raise ValueError(f"use_xtts_fallback: {exc}") from None
             device = "cuda" if self.xtts_use_gpu else "cpu"
             self.workers.append(WorkerConfig(engine="xtts", model_dir=model_dir, device=device))
+        return self
+
+    @model_validator(mode="after")
+    def _worker_keys(self) -> "Config":
+        for i, w in enumerate(self.workers):
+            if not self.security.curve:
+                if w.curve_key or w.broker_key:
+                    # Not an error, so that one file can switch CURVE on and off; but said.
+                    log.warning("workers.%d: curve_key / broker_key ignored: [security] curve is false", i)
+                continue
+            try:
+                if w.curve_key is not None:
+                    keys.key_pair(w.curve_key)
+                if w.broker_key is not None:
+                    keys.public_key(w.broker_key)
+            except keys.CertificateError as exc:
+                raise ValueError(f"workers.{i}: {exc}") from None
         return self
 
     def core_settings(self) -> CoreSettings:

@@ -75,7 +75,7 @@ import logging
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Protocol
 
 from engines import registry as engines
 
@@ -103,6 +103,22 @@ class Action(NamedTuple):
     to_worker: bool
     peer: bytes
     frames: list[bytes]
+
+
+class CoreObserver(Protocol):
+    """Told what happened, for counting (``broker/metrics.py``); called once per request or failover, never per chunk.
+
+    Observers only read: what they are given must not be changed, and they
+    must not raise (the server's guard would drop the event being handled)."""
+
+    def request_done(self, job: "Job", outcome: str, final: Optional[list[bytes]], now: float) -> None:
+        """``job`` left the broker with ``outcome`` (one of ``OUTCOMES``); ``final`` is the FINAL body the client got, if any."""
+
+    def request_refused(self, service: bytes, code: str) -> None:
+        """A TTS request refused at admission with error ``code`` (it never became a job)."""
+
+    def failover(self, reason: str) -> None:
+        """A job failed over to another worker because of ``reason`` (the text ``tts.status`` shows)."""
 
 
 @dataclass(frozen=True)
@@ -231,6 +247,8 @@ class Worker:
     progress: float = 0.0
     """When it last replied to any job (or got one while holding none)."""
     served: int = 0
+    certificate: Optional[str] = None
+    """The CURVE certificate it authenticated with (``[security]``); None without CURVE."""
 
     @property
     def slots(self) -> int:
@@ -268,8 +286,10 @@ class Service:
 class BrokerCore:
     """Routing state; see the module docstring for the rules."""
 
-    def __init__(self, settings: CoreSettings = CoreSettings()) -> None:
+    def __init__(self, settings: CoreSettings = CoreSettings(), observer: Optional[CoreObserver] = None) -> None:
         self.s = settings
+        self.observer = observer
+        """Told of each finished request and each failover (metrics); None: nobody."""
         self.services: dict[str, Service] = {}
         self.workers: dict[bytes, Worker] = {}
         self.waiting: deque[Job] = deque()
@@ -349,7 +369,8 @@ class BrokerCore:
 
     # --------------------------------------------------------------- workers
 
-    def on_worker(self, identity: bytes, frames: list[bytes], now: float) -> list[Action]:
+    def on_worker(self, identity: bytes, frames: list[bytes], now: float, certificate: Optional[str] = None) -> list[Action]:
+        """A worker's message; ``certificate`` is the CURVE certificate of its connection (kept at READY)."""
         self.now = now
         worker = self.workers.get(identity)
         job = worker.jobs.get(frames[2]) if worker is not None and len(frames) == 8 else None
@@ -387,7 +408,7 @@ class BrokerCore:
             if worker is not None:
                 self._reject(worker, "second READY", now, out)
             else:
-                self._register(identity, cmd, now, out)
+                self._register(identity, cmd, now, out, certificate)
             return out
         if worker is None:
             if not isinstance(cmd, mdp.WorkerDisconnect):
@@ -416,7 +437,7 @@ class BrokerCore:
         self._reject(worker, f"unexpected {type(cmd).__name__}", now, out)
         return out
 
-    def _register(self, identity: bytes, cmd: mdp.WorkerReady, now: float, out: list[Action]) -> None:
+    def _register(self, identity: bytes, cmd: mdp.WorkerReady, now: float, out: list[Action], certificate: Optional[str] = None) -> None:
         name = cmd.service
 
         def refuse(why: str) -> None:
@@ -442,12 +463,12 @@ class BrokerCore:
             svc.is_tts, svc.engine = caps is not None, caps.engine if caps else None
             svc.empty_since = None
             self._empty.pop(name, None)
-        worker = Worker(identity, svc, now + self.expiry, now + self.s.heartbeat_s, f"w{next(self._worker_ids)}", caps)
+        worker = Worker(identity, svc, now + self.expiry, now + self.s.heartbeat_s, f"w{next(self._worker_ids)}", caps, certificate=certificate)
         self.workers[identity] = worker
         svc.workers[identity] = worker
         svc.refresh()
         pid = caps.pid if caps else None
-        log.info("worker %s up: service %s%s", worker.label, name, f" pid {pid}" if pid else "")
+        log.info("worker %s up: service %s%s%s", worker.label, name, f" pid {pid}" if pid else "", f" certificate {certificate}" if certificate else "")
         self._worker_idle(worker, out)
 
     def _reject(self, worker: Worker, why: str, now: float, out: list[Action]) -> None:
@@ -517,6 +538,8 @@ class BrokerCore:
         stream.failover_reason = why
         job.deadline = now + self.s.request_timeout_s
         self.counters["failovers"] += 1
+        if self.observer is not None:
+            self.observer.failover(why)
         log.warning(
             "job %s: failover from worker %s (%s): %s at character %d",
             job.key.hex(), worker.label, svc.name, why, base,
@@ -628,6 +651,8 @@ class BrokerCore:
                 job.move(DONE)
             return
         self.counters[outcome] += 1
+        if self.observer is not None:
+            self.observer.request_done(job, outcome, final, self.now)
         if job.state is WAITING:
             try:
                 self.waiting.remove(job)
@@ -681,7 +706,10 @@ class BrokerCore:
     def _refuse(self, job: Job, why: str, out: list[Action]) -> None:
         log.warning("refused request from client %s: %s", job.client.hex(), why)
         self.counters["errors"] += 1
-        out.append(Action(False, job.client, mdp.client_reply_frames(job.service, self._error_body(job.rid, tts.OVERLOADED, why), True)))
+        body = self._error_body(job.rid, tts.OVERLOADED, why)
+        if self.observer is not None:
+            self.observer.request_done(job, "errors", body, self.now)
+        out.append(Action(False, job.client, mdp.client_reply_frames(job.service, body, True)))
 
     def _tts_request(self, identity: bytes, service_raw: bytes, service: str, body: list[bytes], now: float, out: list[Action]) -> None:
         rid = body[0]
@@ -700,6 +728,8 @@ class BrokerCore:
 
         def fail(code: str, message: str) -> None:
             self.counters["errors"] += 1
+            if self.observer is not None:
+                self.observer.request_refused(service_raw, code)
             log.info("request %r from client %s refused: %s: %s", rid[:32], identity.hex(), code, message)
             out.append(Action(False, identity, mdp.client_reply_frames(service_raw, tts.error_body(rid, code, message), True)))
 
@@ -942,6 +972,7 @@ class BrokerCore:
                         "jobs": len(w.jobs),
                         "slots": w.slots,
                         "served": w.served,
+                        "certificate": w.certificate,
                     }
                     for w in itertools.islice(svc.workers.values(), MAX_STATUS_WORKERS)
                 ],

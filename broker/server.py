@@ -4,6 +4,13 @@ Two ROUTER sockets — clients on the frontend, workers on the backend — both
 with ``ROUTER_MANDATORY`` so an undeliverable message raises instead of
 vanishing; that failure is reported to the core, which cancels what the lost
 peer was owed. Everything else is the core's decision.
+
+With CURVE (``broker/security.py``) both sockets are CURVE servers, and the
+backend's READYs are checked here, before the core sees them: the
+certificate the connection authenticated with (ZAP's User-Id) must be one of
+the worker keys and allowed the service (``worker_services``); the core is
+told the certificate, for ``tts.status``. Metrics (``broker/metrics.py``)
+hear the core's per-request events; the server adds only stalled clients.
 """
 
 from __future__ import annotations
@@ -12,12 +19,17 @@ import functools
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import zmq
 import zmq.backend
 
+from . import mdp
 from .core import Action, BrokerCore, CoreSettings
+
+if TYPE_CHECKING:
+    from .metrics import BrokerMetrics
+    from .security import CurveServer
 
 log = logging.getLogger("broker")
 
@@ -37,9 +49,15 @@ class BrokerServer:
         max_message_bytes: int = 1 << 20,
         client_hwm: int = 10_000,
         context: Optional[zmq.Context] = None,
+        security: Optional[CurveServer] = None,
+        metrics: Optional[BrokerMetrics] = None,
     ) -> None:
         self.core = BrokerCore(settings)
-        self.ctx = context or zmq.Context.instance()
+        self.security = security
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.attach(self.core)
+        self.ctx = context or (security.context if security is not None else zmq.Context.instance())
         self.frontend_ep = frontend
         self.backend_ep = backend
         self.stop_event = threading.Event()
@@ -48,6 +66,11 @@ class BrokerServer:
         # is refused rather than handed the worker's session (workers take a
         # fresh id for every connection, so they never need handover).
         self.backend = self._router(max_message_bytes, 10_000)
+        if security is not None:
+            from .security import BACKEND_DOMAIN, FRONTEND_DOMAIN
+
+            security.secure(self.frontend, FRONTEND_DOMAIN)
+            security.secure(self.backend, BACKEND_DOMAIN)
         # The Cython send underneath pyzmq's Python wrapper: half the cost per
         # frame, and an MDP message is up to eight frames.
         self._send_frontend = functools.partial(zmq.backend.Socket.send, self.frontend)
@@ -63,7 +86,9 @@ class BrokerServer:
         # Report the real endpoints when port 0 / wildcards were asked for.
         self.frontend_ep = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_ep = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
-        log.info("broker listening: clients %s, workers %s", self.frontend_ep, self.backend_ep)
+        log.info(
+            "broker listening: clients %s, workers %s%s", self.frontend_ep, self.backend_ep, " (CURVE)" if security is not None else ""
+        )
 
     def _router(self, max_message_bytes: int, hwm: int) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -78,6 +103,7 @@ class BrokerServer:
         pending = actions
         while pending:
             failed: list[Action] = []
+            stalled: set[bytes] = set()
             for to_worker, peer, frames in pending:
                 send = self._send_backend if to_worker else self._send_frontend
                 try:
@@ -94,6 +120,11 @@ class BrokerServer:
                     side = "worker" if to_worker else "client"
                     log.warning("cannot send to %s %s: %s", side, peer.hex(), exc.strerror)
                     failed.append(Action(to_worker, peer, frames))
+                    if not to_worker and exc.errno == zmq.EAGAIN:
+                        stalled.add(peer)
+            if stalled and self.metrics is not None:
+                for _ in stalled:
+                    self.metrics.stalled_client()
             pending = []
             for to_worker, peer, _ in {(a.to_worker, a.peer): a for a in failed}.values():
                 pending += self._guarded("a failed send", self.core.on_send_failed, to_worker, peer, now)
@@ -113,7 +144,10 @@ class BrokerServer:
                 timeout = max(0.0, next_tick - time.monotonic())
                 ready = dict(poller.poll(timeout * 1000))
                 if self.backend in ready:
-                    self._drain(self.backend, core.on_worker)
+                    if self.security is None:
+                        self._drain(self.backend, core.on_worker)
+                    else:
+                        self._drain_authenticated()
                 if self.frontend in ready:
                     self._drain(self.frontend, core.on_client)
                 now = time.monotonic()
@@ -136,6 +170,39 @@ class BrokerServer:
             if len(msg) < 2:
                 continue
             self._apply(self._guarded(f"a message from {msg[0].hex()}", handle, msg[0], msg[1:], now), now)
+
+    def _drain_authenticated(self) -> None:
+        """The backend under CURVE: as :meth:`_drain`, plus the certificate check of each READY.
+
+        The routing-id frame is received as a ``zmq.Frame`` (copy=False), the
+        only frame whose ``User-Id`` property is read, and only for a READY;
+        the rest of the message is received as bytes like on the plain path."""
+        sock, security = self.backend, self.security
+        assert security is not None
+        for _ in range(1000):
+            if not sock.get(_EVENTS) & _POLLIN:
+                return
+            first = sock.recv(zmq.NOBLOCK, copy=False)
+            if not first.more:
+                continue
+            msg = sock.recv_multipart(zmq.NOBLOCK)
+            now = time.monotonic()
+            identity = first.bytes
+            if len(msg) >= 3 and msg[1] == mdp.W_READY and msg[0] == mdp.WORKER:
+                name = security.worker_name(first.get("User-Id"))
+                service = msg[2].decode("utf-8", "replace")
+                if name is None or not security.may_register(name, service):
+                    # Unknown after a reload, or not allowed this service: refused before the core.
+                    log.warning(
+                        "worker %s refused: certificate %s may not register service %s; disconnecting it",
+                        identity.hex(), name or "(revoked)", service[:80],
+                    )
+                    self._apply([Action(True, identity, mdp.DISCONNECT_FRAMES)], now)
+                    continue
+                actions = self._guarded(f"a READY from {identity.hex()}", self.core.on_worker, identity, msg, now, name)
+            else:
+                actions = self._guarded(f"a message from {identity.hex()}", self.core.on_worker, identity, msg, now)
+            self._apply(actions, now)
 
     @staticmethod
     def _guarded(what: str, handler: Callable[..., list[Action]], *args: Any) -> list[Action]:

@@ -42,6 +42,8 @@ class Stream:
     format: str = "s16le"
     first_audio: Optional[float] = None
     engines: list[str] = field(default_factory=list)
+    voice: Optional[str] = None
+    """The voice of the first ``start`` the client got (what its first audio was spoken in)."""
     held_start: Optional[tts.Start] = None
     """The current worker's ``start``, held until its first audio."""
     started: bool = False
@@ -93,6 +95,8 @@ class Stream:
         start, self.held_start = self.held_start, None
         self.started = True
         self.engines.append(start.engine)
+        if self.voice is None:
+            self.voice = start.voice
         return [start.body(self.rid)]
 
     def on_mark(self, mark: tts.Mark) -> Frames:

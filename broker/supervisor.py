@@ -10,6 +10,10 @@ Linux each worker asks the kernel for SIGTERM when its parent goes
 worker ends, not the process, so every worker is spawned from the supervisor's
 own watch thread, which lives exactly as long as the supervisor. Elsewhere
 workers are only stopped by :meth:`Supervisor.stop`.
+
+With ``[security] curve = true`` each worker gets ``--curve-key`` and
+``--broker-key``: its entry's own certificate files, or those ``serve`` made
+for its children (:class:`broker.security.LocalWorkerKeys`).
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from engines import registry as engines
 
 from .config import Config, WorkerConfig
+
+if TYPE_CHECKING:
+    from .security import LocalWorkerKeys
 
 log = logging.getLogger("broker.supervisor")
 
@@ -64,6 +71,7 @@ def _die_with_parent() -> Optional[Callable[[], None]]:
 class _Slot:
     name: str
     argv: list[str]
+    service: str
     proc: Optional[subprocess.Popen] = None
     started: float = 0.0
     backoff: float = BACKOFF_START_S
@@ -71,7 +79,7 @@ class _Slot:
     restarts: int = 0
 
 
-def worker_argv(cfg: Config, w: WorkerConfig) -> list[str]:
+def worker_argv(cfg: Config, w: WorkerConfig, local_keys: Optional[LocalWorkerKeys] = None) -> list[str]:
     b = cfg.broker
     spec = engines.get(w.engine)
     argv = [
@@ -84,18 +92,29 @@ def worker_argv(cfg: Config, w: WorkerConfig) -> list[str]:
     ]
     if w.slots is not None:
         argv += ["--slots", str(w.slots)]
+    if cfg.security.curve:
+        curve_key = w.curve_key or (local_keys and str(local_keys.secret_file))
+        broker_key = w.broker_key or (local_keys and str(local_keys.broker_file))
+        if not curve_key or not broker_key:
+            raise ValueError("[security] curve = true: a worker needs curve_key and broker_key (or serve's local keys)")
+        argv += ["--curve-key", curve_key, "--broker-key", broker_key]
     return argv + spec.argv(w.options, cfg.voice_dirs)
 
 
 class Supervisor:
     """The worker processes of a config, each restarted with backoff when it exits."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(
+        self, cfg: Config, local_keys: Optional[LocalWorkerKeys] = None, on_restart: Optional[Callable[[str], None]] = None
+    ) -> None:
         self.slots = [
-            _Slot(f"{engines.get(w.engine).service(w.options)}#{i}", worker_argv(cfg, w))
+            _Slot(f"{service}#{i}", worker_argv(cfg, w, local_keys), service)
             for w in cfg.workers
+            for service in [engines.get(w.engine).service(w.options)]
             for i in range(w.count)
         ]
+        self.on_restart = on_restart
+        """Told the service of each worker restarted (metrics)."""
         self.stop_event = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -136,6 +155,8 @@ class Supervisor:
                     slot.backoff = min(slot.backoff * 2, BACKOFF_MAX_S)
                 elif proc is None and now >= slot.restart_at and not self.stop_event.is_set():
                     slot.restarts += 1
+                    if self.on_restart is not None:
+                        self.on_restart(slot.service)
                     self._spawn(slot)
 
     def stop(self, timeout: float = 5.0) -> None:

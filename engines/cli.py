@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import Callable
 
+from broker.keys import CertificateError, connecting_keys
 from engines.base import Engine
 from engines.runtime import WorkerRuntime, synthesis_executor
 
@@ -27,11 +28,18 @@ def worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--liveness", type=int, default=3, help="missed heartbeats before the broker counts as lost")
     parser.add_argument("--slots", type=_positive, help="requests held at once, spoken in turns (default: the engine's own)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--curve-key", help="this worker's secret certificate (NAME.key_secret), for a broker with CURVE")
+    parser.add_argument("--broker-key", help="the broker's public certificate (broker.key); with --curve-key")
 
 
 def run_worker(args: argparse.Namespace, load: Callable[[], Engine]) -> None:
     """Load the engine (exit 2 with a clear message if that fails), then serve until SIGTERM/SIGINT."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        curve = connecting_keys(args.curve_key, args.broker_key)
+    except CertificateError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
     synth = synthesis_executor()  # load on the thread that will synthesise: see engines/runtime.py
     try:
         engine = synth.submit(load).result()
@@ -39,7 +47,8 @@ def run_worker(args: argparse.Namespace, load: Callable[[], Engine]) -> None:
         log.error("engine failed to start: %s", exc)
         sys.exit(2)
     runtime = WorkerRuntime(
-        engine, args.backend, heartbeat_s=args.heartbeat_ms / 1000, liveness=args.liveness, slots=args.slots, synthesis_thread=synth
+        engine, args.backend, heartbeat_s=args.heartbeat_ms / 1000, liveness=args.liveness, slots=args.slots, synthesis_thread=synth,
+        curve=curve,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: runtime.stop())

@@ -41,6 +41,7 @@ import zmq
 
 from broker import mdp, tts
 from broker.caps import EngineCaps
+from broker.keys import CurveKeys, secure_connect
 from engines.audio import ChunkEncoder
 from engines.base import Engine
 from engines.schedule import SLACK, UNPACED, HasPlayback, Pacing, Playback, next_up
@@ -93,8 +94,11 @@ class WorkerRuntime:
         slots: Optional[int] = None,
         context: Optional[zmq.Context] = None,
         synthesis_thread: Optional[ThreadPoolExecutor] = None,
+        curve: Optional[CurveKeys] = None,
     ) -> None:
         self.engine = engine
+        self.curve = curve
+        """CURVE keys for a broker with ``[security] curve = true``; None: plain ZeroMQ."""
         self.backend = backend
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
@@ -138,6 +142,7 @@ class WorkerRuntime:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, f"{self.identity}/{self._generation}".encode())
+        secure_connect(sock, self.curve)
         sock.connect(self.backend)
         caps = EngineCaps.model_validate(
             {

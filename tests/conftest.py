@@ -44,8 +44,8 @@ class Served:
         return self.log.read_text(errors="replace")
 
 
-def wait_services(frontend: str, services: list[str], timeout: float = 120.0) -> None:
-    client = RawClient(frontend)
+def wait_services(frontend: str, services: list[str], timeout: float = 120.0, curve: Optional[tuple[bytes, bytes, bytes]] = None) -> None:
+    client = RawClient(frontend, curve=curve)
     try:
         deadline = time.monotonic() + timeout
         pending = list(services)

@@ -52,9 +52,12 @@ class RawStream:
 class RawClient:
     """A DEALER speaking MDP/0.2 client frames by hand."""
 
-    def __init__(self, endpoint: str, ctx: Optional[zmq.Context] = None) -> None:
+    def __init__(self, endpoint: str, ctx: Optional[zmq.Context] = None, curve: Optional[tuple[bytes, bytes, bytes]] = None) -> None:
+        """``curve``: (public, secret, broker public) z85 keys, for a broker with CURVE (libzmq's options, RFC 26)."""
         self.sock = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            self.sock.curve_publickey, self.sock.curve_secretkey, self.sock.curve_serverkey = curve
         self.sock.connect(endpoint)
         self.streams: dict[bytes, RawStream] = {}
         self.other: list[list[bytes]] = []

@@ -97,7 +97,7 @@ def test_readme_configuration_reference_is_a_valid_config(tmp_path: Path) -> Non
     assert [w.engine for w in cfg.workers] == ["piper", "xtts"]
     assert cfg.core_settings().chains["pt"][1].voice == "narrator"
     documented = {line.split("=")[0].strip() for line in block.splitlines() if "=" in line and not line.startswith("#")}
-    from broker.config import BrokerConfig, WorkerConfig
+    from broker.config import BrokerConfig, MetricsConfig, SecurityConfig, WorkerConfig
 
-    assert set(BrokerConfig.model_fields) <= documented, set(BrokerConfig.model_fields) - documented
-    assert set(WorkerConfig.model_fields) <= documented, set(WorkerConfig.model_fields) - documented
+    for model in (BrokerConfig, WorkerConfig, SecurityConfig, MetricsConfig):
+        assert set(model.model_fields) <= documented, set(model.model_fields) - documented

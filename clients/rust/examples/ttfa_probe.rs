@@ -1,7 +1,10 @@
 //! Time-to-first-audio probe for benchmarks: connects once, then answers
 //! one JSON line on standard output per JSON line on standard input.
 //!
-//! cargo run --offline --release --features tokio --example ttfa_probe -- tcp://127.0.0.1:5555
+//! cargo run --offline --release --features tokio --example ttfa_probe -- tcp://127.0.0.1:5555 [SECRET_CERT BROKER_CERT]
+//!
+//! With the two certificate paths (the client's `NAME.key_secret` and the
+//! broker's `broker.key`), it talks CURVE to a broker with `[security] curve = true`.
 //!
 //! Input, one object per line:
 //! `{"text": "Hello there.", "concurrent": 3}` (`concurrent` default 1; also
@@ -23,7 +26,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tts_broker_client::tokio::Client;
-use tts_broker_client::{Error, Event, Request, SampleFormat, StreamMode, DEFAULT_ENDPOINT};
+use tts_broker_client::{CurveKeys, Error, Event, Request, SampleFormat, StreamMode, DEFAULT_ENDPOINT};
 
 struct Timing {
     ttfa_ms: Option<f64>,
@@ -124,7 +127,11 @@ async fn probe(client: &Client, request: Request, concurrent: usize) -> Value {
 fn main() -> Result<(), Error> {
     let endpoint = std::env::args().nth(1).unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
     let runtime = tokio::runtime::Builder::new_multi_thread().build()?;
-    let client = Client::builder(&endpoint).timeout(Duration::from_secs(60)).connect()?;
+    let mut builder = Client::builder(&endpoint).timeout(Duration::from_secs(60));
+    if let (Some(own), Some(broker)) = (std::env::args().nth(2), std::env::args().nth(3)) {
+        builder = builder.curve(CurveKeys::from_files(own, broker)?);
+    }
+    let client = builder.connect()?;
     if !runtime.block_on(client.wait_ready("tts", Duration::from_secs(60)))? {
         eprintln!("ttfa_probe: no TTS worker ready at {endpoint} yet; going on");
     }

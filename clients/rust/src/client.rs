@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::audio::Audio;
 use crate::conn::{self, deadline_after, expired, Monitor, DEFAULT_HEARTBEAT};
+use crate::curve::CurveKeys;
 use crate::demux::{self, CallReplies, Incoming, Progress};
 use crate::error::Error;
 use crate::event::{AudioSpec, Event, Stats};
@@ -91,7 +92,25 @@ impl Client {
 
     /// Connect using an existing ZeroMQ context (shared with your own sockets).
     pub fn connect_with_context(ctx: &zmq::Context, endpoint: &str) -> Result<Client, Error> {
-        let conn::Connection { sock, monitor, prefix } = conn::open(ctx, endpoint, DEFAULT_HEARTBEAT)?;
+        Client::open(ctx, endpoint, None)
+    }
+
+    /// Connect to a broker with CURVE (`[security] curve = true`) with these keys.
+    ///
+    /// A broker that does not know the client's public key sends nothing at
+    /// all: calls and streams end with [`Error::Timeout`]. A libzmq without
+    /// CURVE is [`Error::Curve`].
+    pub fn connect_secure(endpoint: &str, keys: &CurveKeys) -> Result<Client, Error> {
+        Client::open(&zmq::Context::new(), endpoint, Some(keys))
+    }
+
+    /// [`Client::connect_secure`] on an existing ZeroMQ context.
+    pub fn connect_secure_with_context(ctx: &zmq::Context, endpoint: &str, keys: &CurveKeys) -> Result<Client, Error> {
+        Client::open(ctx, endpoint, Some(keys))
+    }
+
+    fn open(ctx: &zmq::Context, endpoint: &str, curve: Option<&CurveKeys>) -> Result<Client, Error> {
+        let conn::Connection { sock, monitor, prefix } = conn::open(ctx, endpoint, DEFAULT_HEARTBEAT, curve)?;
         sock.set_sndtimeo(conn::send_timeout_ms(DEFAULT_TIMEOUT))?;
         Ok(Client {
             sock,

@@ -7,6 +7,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::curve::CurveKeys;
 use crate::error::Error;
 
 /// How often a client sends a ZeroMQ heartbeat (ZMTP PING) when the
@@ -46,11 +47,20 @@ fn option_ms(d: Duration) -> i32 {
 /// (`Duration::ZERO`: none); the connection is dropped (and the monitor
 /// says so) when the broker is silent for three intervals, so a broker that
 /// froze or vanished without closing TCP is noticed as a lost connection.
-pub(crate) fn open(ctx: &zmq::Context, endpoint: &str, heartbeat: Duration) -> Result<Connection, Error> {
+/// `curve`: the keys for a broker with CURVE (`None`: plain ZeroMQ).
+pub(crate) fn open(
+    ctx: &zmq::Context,
+    endpoint: &str,
+    heartbeat: Duration,
+    curve: Option<&CurveKeys>,
+) -> Result<Connection, Error> {
     let n = CLIENTS.fetch_add(1, Ordering::Relaxed);
     let prefix = random_prefix(n);
     let sock = ctx.socket(zmq::DEALER)?;
     sock.set_linger(0)?;
+    if let Some(keys) = curve {
+        keys.apply(&sock)?;
+    }
     if !heartbeat.is_zero() {
         // ZeroMQ takes milliseconds; its TTL is kept in tenths of a second, at most 6553.5 s.
         let ivl = heartbeat.max(Duration::from_millis(1));
@@ -144,15 +154,15 @@ mod tests {
     #[test]
     fn heartbeat_options_reach_the_socket() {
         let ctx = zmq::Context::new();
-        let c = open(&ctx, "inproc://conn-heartbeat", Duration::from_millis(250)).unwrap();
+        let c = open(&ctx, "inproc://conn-heartbeat", Duration::from_millis(250), None).unwrap();
         assert_eq!(c.sock.get_heartbeat_ivl().unwrap(), 250);
         assert_eq!(c.sock.get_heartbeat_timeout().unwrap(), 750);
         assert_eq!(c.sock.get_heartbeat_ttl().unwrap(), 700, "kept in tenths of a second");
-        let c = open(&ctx, "inproc://conn-heartbeat", Duration::MAX).unwrap();
+        let c = open(&ctx, "inproc://conn-heartbeat", Duration::MAX, None).unwrap();
         assert_eq!(c.sock.get_heartbeat_ivl().unwrap(), i32::MAX);
         assert_eq!(c.sock.get_heartbeat_ttl().unwrap(), 6_553_500);
-        let c = open(&ctx, "inproc://conn-heartbeat", Duration::ZERO).unwrap();
+        let c = open(&ctx, "inproc://conn-heartbeat", Duration::ZERO, None).unwrap();
         assert_eq!(c.sock.get_heartbeat_ivl().unwrap(), 0);
-        assert_ne!(c.prefix, open(&ctx, "inproc://x", Duration::ZERO).unwrap().prefix);
+        assert_ne!(c.prefix, open(&ctx, "inproc://x", Duration::ZERO, None).unwrap().prefix);
     }
 }

@@ -139,6 +139,9 @@ pub enum Error {
     Zmq(zmq::Error),
     /// I/O, for instance writing a WAV file.
     Io(std::io::Error),
+    /// CURVE keys that cannot be used (a malformed key or certificate file),
+    /// or a libzmq built without CURVE.
+    Curve(String),
 }
 
 impl Error {
@@ -153,7 +156,7 @@ impl Error {
             Error::Timeout { .. } => ErrorCode::Timeout,
             Error::ConnectionLost { .. } | Error::Zmq(_) => ErrorCode::Unavailable,
             Error::SequenceGap { .. } | Error::Protocol(_) | Error::Io(_) => ErrorCode::Internal,
-            Error::InvalidRequest(_) => ErrorCode::BadRequest,
+            Error::InvalidRequest(_) | Error::Curve(_) => ErrorCode::BadRequest,
             Error::Overflow { .. } => ErrorCode::Overloaded,
         }
     }
@@ -191,6 +194,7 @@ impl fmt::Display for Error {
             Error::InvalidRequest(m) => write!(f, "invalid request: {m}"),
             Error::Zmq(e) => write!(f, "zeromq: {e}"),
             Error::Io(e) => write!(f, "i/o: {e}"),
+            Error::Curve(m) => write!(f, "curve: {m}"),
         }
     }
 }

@@ -22,6 +22,9 @@
 //!   ([`Client::call`]);
 //! * ZeroMQ heartbeats on the connection ([`DEFAULT_HEARTBEAT`]): a broker
 //!   that vanished without closing the connection is noticed too;
+//! * CurveZMQ for a broker with `[security] curve = true` ([`CurveKeys`],
+//!   [`Client::connect_secure`], `tokio::Builder::curve`): keys as z85 text or
+//!   read from the certificate files `tts-broker keys` writes;
 //! * with the cargo feature `tokio`, an async client (`tts_broker_client::tokio`):
 //!   one `Clone + Send + Sync` handle shared by any number of tasks, each
 //!   stream a `futures::Stream` with a bounded buffer (see that module).
@@ -50,6 +53,7 @@
 mod audio;
 mod client;
 mod conn;
+mod curve;
 mod demux;
 mod error;
 mod event;
@@ -62,6 +66,7 @@ pub mod wav;
 pub use audio::{extend_f32, pcm_to_f32, Audio};
 pub use client::{Client, Stream, DEFAULT_ENDPOINT, DEFAULT_TIMEOUT};
 pub use conn::DEFAULT_HEARTBEAT;
+pub use curve::{curve_available, CurveKeys};
 pub use error::{Error, ErrorCode, ProtocolError};
 pub use event::{AudioSpec, Event, SampleFormat, Stats, WorkerInfo};
 pub use protocol::{CancelOutcome, Reply, ServiceStatus};

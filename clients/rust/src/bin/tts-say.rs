@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use tts_broker_client::wav::WavWriter;
-use tts_broker_client::{Client, Error, Event, Request, SampleFormat, DEFAULT_ENDPOINT};
+use tts_broker_client::{Client, CurveKeys, Error, Event, Request, SampleFormat, DEFAULT_ENDPOINT};
 
 const USAGE: &str = "\
 usage: tts-say [OPTIONS] TEXT...      (TEXT '-' reads standard input)
@@ -28,6 +28,8 @@ options:
       --speed X            speaking-rate multiplier
       --timeout-ms MS      fail if nothing arrives for this long (default 30000)
       --wait-ready-ms MS   first wait up to MS for the service to be ready (mmi.service)
+      --curve-key PATH     this client's secret certificate (NAME.key_secret), for a broker with CURVE
+      --broker-key PATH    the broker's public certificate (broker.key); with --curve-key
   -h, --help               show this help";
 
 #[derive(Debug)]
@@ -38,6 +40,7 @@ struct Options {
     request: Request,
     timeout: Duration,
     wait_ready: Option<Duration>,
+    curve: Option<(PathBuf, PathBuf)>,
 }
 
 fn parse_number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
@@ -53,6 +56,8 @@ fn parse_args(args: Vec<String>) -> Result<Option<Options>, String> {
     let mut request = Request::new("");
     let mut timeout = Duration::from_secs(30);
     let mut wait_ready = None;
+    let mut curve_key: Option<PathBuf> = None;
+    let mut broker_key: Option<PathBuf> = None;
     let mut words: Vec<String> = Vec::new();
     let mut it = args.into_iter();
     let mut only_words = false;
@@ -92,6 +97,8 @@ fn parse_args(args: Vec<String>) -> Result<Option<Options>, String> {
             "--speed" => request = request.speed(parse_number(&flag, &value()?)?),
             "--timeout-ms" => timeout = Duration::from_millis(parse_number(&flag, &value()?)?),
             "--wait-ready-ms" => wait_ready = Some(Duration::from_millis(parse_number(&flag, &value()?)?)),
+            "--curve-key" => curve_key = Some(PathBuf::from(value()?)),
+            "--broker-key" => broker_key = Some(PathBuf::from(value()?)),
             _ => return Err(format!("unknown option {flag}")),
         }
     }
@@ -108,6 +115,11 @@ fn parse_args(args: Vec<String>) -> Result<Option<Options>, String> {
         return Err("no text to speak".into());
     }
     request.text = text;
+    let curve = match (curve_key, broker_key) {
+        (Some(c), Some(b)) => Some((c, b)),
+        (None, None) => None,
+        _ => return Err("--curve-key and --broker-key go together".into()),
+    };
     Ok(Some(Options {
         output,
         endpoint,
@@ -115,6 +127,7 @@ fn parse_args(args: Vec<String>) -> Result<Option<Options>, String> {
         request,
         timeout,
         wait_ready,
+        curve,
     }))
 }
 
@@ -129,7 +142,11 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn run(opts: &Options) -> Result<(), Error> {
-    let client = Client::connect(&opts.endpoint)?.with_timeout(opts.timeout)?;
+    let client = match &opts.curve {
+        Some((own, broker)) => Client::connect_secure(&opts.endpoint, &CurveKeys::from_files(own, broker)?)?,
+        None => Client::connect(&opts.endpoint)?,
+    }
+    .with_timeout(opts.timeout)?;
     if let Some(wait) = opts.wait_ready {
         if !client.wait_ready(&opts.service, wait)? {
             return Err(Error::Timeout {

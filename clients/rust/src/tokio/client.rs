@@ -13,6 +13,7 @@ use super::stream::{Stream, StreamQueue};
 use crate::audio::Audio;
 use crate::client::DEFAULT_TIMEOUT;
 use crate::conn::{self, deadline_after, expired, DEFAULT_HEARTBEAT};
+use crate::curve::CurveKeys;
 use crate::demux::{self, Progress};
 use crate::error::Error;
 use crate::protocol::{
@@ -37,6 +38,7 @@ pub struct Builder {
     buffer_limit: usize,
     heartbeat: Duration,
     context: Option<zmq::Context>,
+    curve: Option<CurveKeys>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -47,6 +49,7 @@ impl std::fmt::Debug for Builder {
             .field("buffer_limit", &self.buffer_limit)
             .field("heartbeat", &self.heartbeat)
             .field("own_context", &self.context.is_none())
+            .field("curve", &self.curve)
             .finish()
     }
 }
@@ -60,6 +63,7 @@ impl Builder {
             buffer_limit: DEFAULT_BUFFER_LIMIT,
             heartbeat: DEFAULT_HEARTBEAT,
             context: None,
+            curve: None,
         }
     }
 
@@ -99,12 +103,20 @@ impl Builder {
         self
     }
 
+    /// Talk CURVE to a broker with `[security] curve = true`, with these keys
+    /// (see [`CurveKeys`](crate::CurveKeys)). A broker that does not know the
+    /// client's key sends nothing: streams end with [`Error::Timeout`].
+    pub fn curve(mut self, keys: CurveKeys) -> Builder {
+        self.curve = Some(keys);
+        self
+    }
+
     /// Connect and start the client's I/O thread. ZeroMQ connects in the
     /// background: this succeeds even if the broker is not up yet (use
     /// [`Client::wait_ready`]). Needs no async runtime.
     pub fn connect(self) -> Result<Client, Error> {
         let ctx = self.context.unwrap_or_default();
-        let conn = conn::open(&ctx, &self.endpoint, self.heartbeat)?;
+        let conn = conn::open(&ctx, &self.endpoint, self.heartbeat, self.curve.as_ref())?;
         let addr = format!(
             "inproc://tts-broker-client-wake-{}-{}-{}",
             std::process::id(),
