@@ -318,7 +318,7 @@ def test_timings_continue_rebased_across_a_kill_9_failover(served: Served) -> No
     assert s.names()[-1] == b"end"
     events = raw_events(s)
     [failover] = [v for n, v in events if n == "failover"]
-    assert failover["timings"] == ["phonemes", "words"] and failover["worker"]["pid"] != pid
+    assert failover["timings"] == ["words", "phonemes"] and failover["worker"]["pid"] != pid
     sents = sentences(events, 2)
     marks = [v["end"] for n, v in events if n == "mark"]
     assert len(sents) == len(marks) == 8
