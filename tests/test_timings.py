@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -21,7 +22,7 @@ import zmq
 
 from broker import mdp, tts
 from engines.runtime import WorkerRuntime
-from tests.conftest import EN_VOICE, Served, free_port, start_serve, stop_serve, wait_services
+from tests.conftest import EN_VOICE, ROOT, Served, free_port, start_serve, stop_serve, wait_services
 from tests.mdp_peers import RawClient, RawStream
 
 SERVICE = f"piper.{EN_VOICE}"
@@ -360,3 +361,27 @@ def test_failover_from_piper_to_xtts_says_the_timings_stopped(served: Served) ->
     last = len(names) - 1 - names[::-1].index(b"failover")
     assert b"timing" not in names[last:]
     _wait_idle(served, 2)
+
+
+def test_say_writes_captions_and_a_timings_plot_beside_the_wav(served: Served, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import matplotlib.image
+    import soundfile
+
+    text = "Open the gates, captain!"
+    wav, vtt, png = tmp_path / "say.wav", tmp_path / "say.vtt", tmp_path / "say.png"
+    argv = [sys.executable, "-m", "broker.cli", "say", text, "-o", str(wav), "--frontend", served.frontend, "--captions", str(vtt), "--timings-plot", str(png)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "timings: words, visemes; 4 words" in done.stdout
+    lines = vtt.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "WEBVTT"
+    cues = [(lines[i].split(" --> "), lines[i + 1]) for i in range(len(lines)) if " --> " in lines[i]]
+    assert [t for _, t in cues] == ["Open", "the", "gates", "captain"]
+    seconds = [[sum(float(x) * m for x, m in zip(stamp.split(":"), (3600, 60, 1))) for stamp in span] for span, _ in cues]
+    assert all(a < b for a, b in seconds) and all(p[1] <= q[0] for p, q in zip(seconds, seconds[1:]))
+    assert seconds[-1][1] <= soundfile.info(str(wav)).duration + 0.02
+    image = matplotlib.image.imread(str(png))
+    assert image.shape[0] > 100 and image.shape[1] > 100

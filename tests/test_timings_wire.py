@@ -173,3 +173,16 @@ def test_position_is_where_the_resampler_puts_a_sample(out_rate: int) -> None:
     for p in at:
         q = enc.position(p)
         assert int(np.argmax(np.abs(y[q - 40 : q + 41]))) + q - 40 == q
+
+
+def test_timing_track_answers_which_word_and_viseme_and_drops_what_a_failover_voided() -> None:
+    from broker.captions import TimingTrack, webvtt
+
+    track = TimingTrack()
+    track.add(tts.Timing(words=[tts.WordTime(100, 200, "Open", (0, 4)), tts.WordTime(250, 400, "gates", (5, 10))],
+                         visemes=[tts.VisemeTime(0, 100, "sil"), tts.VisemeTime(100, 200, "oh"), tts.VisemeTime(200, 400, "kk")]))
+    assert track.word_at(99) is None and track.word_at(100).text == "Open" and track.word_at(220) is None  # type: ignore[union-attr]
+    assert track.viseme_at(150) == "oh" and track.viseme_at(399) == "kk" and track.viseme_at(400) == "sil"
+    track.failover(240)  # "gates" was never heard: the new worker says it again
+    assert [w.text for w in track.words] == ["Open"] and track.viseme_at(300) == "kk"
+    assert webvtt(track.words, 100) == "WEBVTT\n\n1\n00:00:01.000 --> 00:00:02.000\nOpen\n"
