@@ -27,6 +27,7 @@ GOALS = {
     "long_sentence_ttfa_ratio": ("<=", 0.25),
     "short_sentence_ttfa_ratio": ("<=", 1.0),
     "frames_underruns": ("<=", 0),
+    "timings_ttfa_ratio": ("<=", 1.03),
     "rust_ttfa_ratio": ("<=", 1.05),
     # Against wyoming-piper on the same voice, same run (bench/peer.py; issue 14's goals).
     "peer_long_first_ratio": ("<=", 0.20),
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     step("security", lambda: relay.run_security(rounds=5 if q else 20, per_round=300))
     step("ttfa_piper", lambda: ttfa.run_piper(reps=15 if q else 40))
     step("piper_modes", lambda: ttfa.run_piper_modes(reps=10 if q else 25))
+    step("timings", lambda: ttfa.run_timings(reps=8 if q else 25))
     if not a.skip_xtts:
         step("ttfa_xtts", lambda: ttfa.run_xtts(reps=4 if q else 15))
     step("throughput", lambda: throughput.run([1, 8, 32, 64] if q else [1, 4, 8, 16, 32, 64, 128], seconds=3 if q else 10))
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "long_sentence_ttfa_ratio": results["piper_modes"]["long_sentence_ttfa_ratio"],
         "short_sentence_ttfa_ratio": results["piper_modes"]["short_sentence_ttfa_ratio"],
         "frames_underruns": results["piper_modes"]["frames_underruns"],
+        "timings_ttfa_ratio": results["timings"]["timings_ttfa_ratio"],
         "rust_ttfa_ratio": results.get("rust_client", {}).get("rust_ttfa_ratio"),
         "rust_8_streams_ttfa_ms": results.get("rust_client", {}).get("rust_8_streams_ttfa_ms"),
         **results.get("peer", {}).get("peer", {}),

@@ -216,3 +216,33 @@ def run_piper_modes(reps: int = 6) -> dict[str, Any]:
         out[f"{case}_sentence_ttfa_ratio"] = round(med(case, "frames") / med(case, "sentence"), 3)
     out["frames_underruns"] = sum(r[1] for case in rows for r in rows[case]["frames"])
     return out
+
+
+def run_timings(reps: int = 10) -> dict[str, Any]:
+    """First audio with ``timings`` (all three kinds) against without, same worker, interleaved,
+    for both stream modes: what asking for lip-sync timings costs before the first sample.
+
+    ``timings_ttfa_ratio`` is the larger of the two modes' ratios (median on ÷ median off)."""
+    fe, be = endpoint(), endpoint()
+    rows: dict[tuple[str, bool], list[float]] = {(m, t): [] for m in ("frames", "sentence") for t in (False, True)}
+    with processes(["-m", "broker", "--frontend", fe, "--backend", be, "--log-level", "WARNING"],
+                   ["-m", "engines.piper", "--backend", be, "--device", "cpu", "--stream-mode", "auto", "--log-level", "WARNING"]):
+        with TtsClient(fe, timeout=60) as client:
+            assert client.wait_ready(timeout=120), "Piper worker did not come up"
+            _through_broker(client, "Warm up.", timings=["words"])
+            for rep in range(reps):
+                for mode in ("frames", "sentence"):
+                    # Alternate which goes first, so neither always follows the other.
+                    for timed in (False, True) if rep % 2 == 0 else (True, False):
+                        options: dict[str, Any] = {"stream": mode}
+                        if timed:
+                            options["timings"] = ["phonemes", "words", "visemes"]
+                        rows[(mode, timed)].append(_through_broker(client, LONG_SENTENCE, **options)[0])
+                        time.sleep(SETTLE_S)
+    out: dict[str, Any] = {"text": LONG_SENTENCE, "reps": reps}
+    for mode in ("frames", "sentence"):
+        off, on = (statistics.median(rows[(mode, t)]) * 1000 for t in (False, True))
+        out[f"{mode}_off_ttfa_ms"], out[f"{mode}_on_ttfa_ms"] = round(off, 2), round(on, 2)
+        out[f"{mode}_timings_ttfa_ratio"] = round(on / off, 3)
+    out["timings_ttfa_ratio"] = max(out["frames_timings_ttfa_ratio"], out["sentence_timings_ttfa_ratio"])
+    return out

@@ -19,6 +19,7 @@ import zmq
 from engines import registry as engines
 
 from . import keys, tts
+from .captions import TimingTrack, plot_timings, webvtt
 from .client import TtsClient, TtsError
 from .config import BrokerConfig, Config, ConfigError, load_config
 
@@ -46,14 +47,42 @@ def write_wav(path: Path, pcm: bytes, start: tts.Start) -> None:
     soundfile.write(str(path), np.frombuffer(pcm, dtype=dtype), start.sample_rate, subtype=subtype)
 
 
-def speak_to_wav(client: TtsClient, text: str, out: Path, **options: object) -> dict:
-    """Speak ``text`` through the broker into ``out``; return what a user wants to know."""
+def speak_to_wav(
+    client: TtsClient, text: str, out: Path, *, captions: Optional[Path] = None, timings_plot: Optional[Path] = None, **options: object
+) -> dict:
+    """Speak ``text`` through the broker into ``out``; return what a user wants to know.
+
+    With ``captions`` (WebVTT, words) or ``timings_plot`` (PNG: waveform, words, visemes) the
+    request asks for the timings those need and writes them beside the WAV."""
+    if captions is not None or timings_plot is not None:
+        options["timings"] = ["words", "visemes"]
     t0 = time.monotonic()
     stream = client.speak(text, **options)
-    pcm = stream.audio()
+    chunks: list[bytes] = []
+    track = TimingTrack()
+    width = received = 0
+    for event in stream:
+        if isinstance(event, tts.Start):
+            width = tts.SAMPLE_WIDTH[event.format]
+        elif isinstance(event, tts.Audio):
+            chunks.append(event.pcm)
+            received += len(event.pcm) // width
+        elif isinstance(event, tts.Timing):
+            track.add(event)
+        elif isinstance(event, tts.Failover):
+            track.failover(received)
+    pcm = b"".join(chunks)
     total = time.monotonic() - t0
     assert stream.start is not None and stream.end is not None
     write_wav(out, pcm, stream.start)
+    rate = stream.start.sample_rate
+    if captions is not None:
+        captions.parent.mkdir(parents=True, exist_ok=True)
+        captions.write_text(webvtt(track.words, rate), encoding="utf-8")
+    if timings_plot is not None:
+        dtype = "<i2" if stream.start.format == "s16le" else "<f4"
+        audio = np.frombuffer(pcm, dtype=dtype).astype(np.float32) / (32767 if dtype == "<i2" else 1)
+        plot_timings(audio, rate, track, timings_plot)
     audio_s = len(pcm) / tts.SAMPLE_WIDTH[stream.start.format] / stream.start.sample_rate
     return {
         "wav": str(out),
@@ -65,6 +94,8 @@ def speak_to_wav(client: TtsClient, text: str, out: Path, **options: object) -> 
         "ttfa_ms": round((stream.ttfa_s or 0) * 1000, 1),
         "rtf": round(total / audio_s, 4) if audio_s else None,
         "chunks": stream.next_seq,
+        "words": len(track.words),
+        "timings": stream.start.timings,
     }
 
 
@@ -72,6 +103,8 @@ def _print_result(r: dict) -> None:
     print(f"wrote {r['wav']}: {r['audio_s']:.2f}s of audio at {r['sample_rate']} Hz in {r['chunks']} chunks "
           f"({r['engine']} voice {r['voice']}, worker pid {r['worker_pid']})")
     print(f"time to first audio: {r['ttfa_ms']:.1f} ms    real-time factor: {r['rtf']}")
+    if r.get("timings") is not None:
+        print(f"timings: {', '.join(r['timings']) or 'none (this engine has no alignment)'}; {r['words']} words")
 
 
 class Service:
@@ -233,7 +266,9 @@ def _curve(a: argparse.Namespace) -> dict:
 
 def cmd_say(a: argparse.Namespace) -> int:
     with TtsClient(a.frontend, timeout=a.timeout, **_curve(a)) as client:
-        _print_result(speak_to_wav(client, a.text, Path(a.output), **_options(a)))
+        captions = Path(a.captions) if a.captions else None
+        plot = Path(a.timings_plot) if a.timings_plot else None
+        _print_result(speak_to_wav(client, a.text, Path(a.output), captions=captions, timings_plot=plot, **_options(a)))
     return 0
 
 
@@ -308,6 +343,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     s.add_argument("--frontend", default=d.frontend)
     s.add_argument("--timeout", type=float, default=30.0)
     _curve_arguments(s)
+    s.add_argument("--captions", metavar="OUT.vtt", help="also write WebVTT captions, one cue per word (asks for timings)")
+    s.add_argument("--timings-plot", metavar="OUT.png", help="also draw the waveform with its word and viseme tracks (asks for timings)")
     s.set_defaults(func=cmd_say)
 
     s = sub.add_parser("status", help="live workers per service")

@@ -175,7 +175,7 @@ JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 WORKER_EVENTS: dict[JobState, frozenset[str]] = {
     ASSIGNED: frozenset({"start", "error"}),
-    STREAMING: frozenset({"audio", "mark", "end", "error", "other"}),
+    STREAMING: frozenset({"audio", "mark", "timing", "end", "error", "other"}),
 }
 """TTS events a worker may send for a job in each state; anything else is a protocol error."""
 
@@ -613,6 +613,8 @@ class BrokerCore:
                 return
             elif isinstance(event, tts.Error):  # cancelled, though nobody asked: say so
                 send.append(body)
+            elif isinstance(event, tts.Timing):
+                send += stream.on_timing(event)  # held until the audio it describes
             else:
                 if isinstance(event, tts.End):
                     body = stream.on_end(event, now, job.failovers)

@@ -14,6 +14,10 @@ Rules:
 * A later worker's ``start`` must match the announced format and rate, and is
   turned into a ``failover`` event saying where in the text it resumes.
 * Each worker ``mark`` is rebased onto the client's text and must advance.
+* Each worker ``timing`` is rebased likewise, and onto the client's sample
+  clock: a later worker counts samples from its own first one, which is the
+  client's ``samples`` when it took over. Timings are held with ``start``
+  until the audio they describe, so a failover before audio stays invisible.
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ class Stream:
     segments: int = 0
     failover_reason: Optional[str] = None
     """Set while a failed-over stream waits for its next worker's ``start``."""
+    sample_base: int = 0
+    """Samples the client had when the current worker took over: where its clock starts."""
+    held_timings: list[Frames] = field(default_factory=list)
+    """The current worker's ``timing`` bodies, held with its ``start`` until its first audio."""
 
     def audio_ok(self, seq_frame: bytes, pcm: bytes) -> bool:
         """The one validity check of a worker's audio chunk, for the hot path and the slow one alike."""
@@ -74,7 +82,7 @@ class Stream:
             return []
         if (start.format, rate) != (self.format, self.rate):
             raise EventError(f"resumed as {start.format}@{rate}, not the announced {self.format}@{self.rate}")
-        event = tts.Failover(start.engine, start.voice, start.worker, self.failover_reason or "", self.base)
+        event = tts.Failover(start.engine, start.voice, start.worker, self.failover_reason or "", self.base, start.timings)
         self.failover_reason = None
         self.engines.append(start.engine)
         return [event.body(self.rid)]
@@ -90,14 +98,23 @@ class Stream:
         return bodies
 
     def release_start(self) -> list[Frames]:
+        """The held ``start`` (first worker only) and timings, in the order they came."""
+        bodies, self.held_timings = self.held_timings, []
         if self.held_start is None:
-            return []
+            return bodies
         start, self.held_start = self.held_start, None
         self.started = True
         self.engines.append(start.engine)
         if self.voice is None:
             self.voice = start.voice
-        return [start.body(self.rid)]
+        return [start.body(self.rid), *bodies]
+
+    def on_timing(self, timing: tts.Timing) -> list[Frames]:
+        """A worker's timings for its next sentence: rebased, and held until that sentence's audio."""
+        if timing.last_char() > self.text_len - self.base:
+            raise EventError("timing word beyond the text")
+        self.held_timings.append(timing.shifted(self.sample_base, self.base).body(self.rid))
+        return []
 
     def on_mark(self, mark: tts.Mark) -> Frames:
         """A worker finished a sentence: rebase its offset onto the client's text."""
@@ -115,6 +132,8 @@ class Stream:
     def resume_point(self) -> int:
         """Where the next worker starts in the client's text, after a failover."""
         self.held_start = None
+        self.held_timings = []
+        self.sample_base = self.samples
         if self.started:
             self.base = self.delivered
         return self.base

@@ -7,7 +7,8 @@ so encoder and decoder cannot drift apart. Units are stated on the fields.
 
 The same event frames travel worker → broker and broker → client; the broker
 rewrites what it owns: sequence numbers, the worker id in ``start``, ``mark``
-offsets (rebased onto the client's text after a failover), the ``failover``
+offsets and ``timing`` samples and characters (rebased onto the client's stream
+and text after a failover), the ``failover``
 event it makes of a later worker's ``start``, and its statistics in ``end``.
 """
 
@@ -52,6 +53,10 @@ ERROR_CODES = (BAD_REQUEST, TOO_LARGE, UNAVAILABLE, CANCELLED, TIMEOUT, INTERNAL
 MIN_RATE = 8000
 MAX_RATE = 48000
 """Output rates a request may ask for, in Hertz."""
+
+TIMING_KINDS = ("phonemes", "words", "visemes")
+"""What a ``timing`` event may carry, in this order."""
+TimingKind = Literal["phonemes", "words", "visemes"]
 
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")
 
@@ -121,6 +126,18 @@ class SynthesisRequest(BaseModel):
     """Speaking rate multiplier: 2.0 speaks twice as fast."""
     stream: Optional[Literal["frames", "sentence"]] = None
     """Piper: decode by frames (first audio in constant time) or by sentence; default the worker's."""
+    timings: Optional[list[TimingKind]] = None
+    """Which ``timing`` events the stream should carry (``phonemes``, ``words``, ``visemes``);
+    absent or empty: none, and the stream is exactly what it was before timings existed."""
+
+    @field_validator("timings")
+    @classmethod
+    def _timing_kinds(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        if not v:
+            return None  # empty means none: one spelling of "no timings" reaches the worker
+        if len(set(v)) != len(v):
+            raise ValueError("timings lists a kind twice")
+        return v
 
     @field_validator("text")
     @classmethod
@@ -224,6 +241,9 @@ class Start:
     worker: dict[str, Any]
     """At least ``id`` (broker-side worker id) and ``pid`` (OS process id)."""
     channels: int = 1
+    timings: Optional[list[str]] = None
+    """Timing kinds the stream will carry; None (key absent) when the request asked for none,
+    ``[]`` when it asked but the engine has no alignment (XTTS)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Any further keys, passed through untouched."""
 
@@ -237,6 +257,7 @@ class Start:
             "voice": self.voice,
             "worker": self.worker,
             "channels": self.channels,
+            **({"timings": self.timings} if self.timings is not None else {}),
             **self.extra,
         }
         return [rid, self.name, _json(d)]
@@ -251,12 +272,21 @@ class Start:
             voice=_field(d, "voice", str, "start"),
             worker=_field(d, "worker", dict, "start"),
             channels=_field(d, "channels", int, "start") if "channels" in d else 1,
+            timings=_kinds(d, "start") if "timings" in d else None,
         )
         start.extra = {k: v for k, v in d.items() if k not in _START_KEYS}
         return start
 
 
-_START_KEYS = frozenset({"sample_rate", "format", "engine", "voice", "worker", "channels"})
+_START_KEYS = frozenset({"sample_rate", "format", "engine", "voice", "worker", "channels", "timings"})
+
+
+def _kinds(d: dict[str, Any], what: str) -> list[str]:
+    """``d["timings"]``: a list of known timing kinds (a worker announcing another is garbling)."""
+    kinds = _field(d, "timings", list, what)
+    if any(k not in TIMING_KINDS for k in kinds):
+        raise EventError(f"{what}.timings must list kinds among {', '.join(TIMING_KINDS)}")
+    return kinds
 
 
 @dataclass
@@ -315,17 +345,132 @@ class Failover:
     """Why the previous worker was failed."""
     resume_at: int
     """Character offset in the client's text where the new worker starts."""
+    timings: Optional[list[str]] = None
+    """Only when the request asked for timings: the kinds the stream carries from here on (the
+    new worker's). Fewer than ``start`` announced (``[]`` after a failover to XTTS): those stopped."""
 
     name = b"failover"
 
     def body(self, rid: bytes) -> Frames:
         d = {"engine": self.engine, "voice": self.voice, "worker": self.worker, "reason": self.reason, "resume_at": self.resume_at}
+        if self.timings is not None:
+            d["timings"] = self.timings
         return [rid, self.name, _json(d)]
 
     @classmethod
     def from_body(cls, frames: Frames) -> "Failover":
         d = json_object(frames[2], "failover")
-        return cls(*(_field(d, k, t, "failover") for k, t in (("engine", str), ("voice", str), ("worker", dict), ("reason", str), ("resume_at", int))))
+        fields = (_field(d, k, t, "failover") for k, t in (("engine", str), ("voice", str), ("worker", dict), ("reason", str), ("resume_at", int)))
+        return cls(*fields, timings=_kinds(d, "failover") if "timings" in d else None)
+
+
+@dataclass(frozen=True)
+class PhonemeTime:
+    """One phoneme (or pause: ``^``, ``$``, a space, punctuation) of the voice's phonemizer."""
+
+    start: int
+    end: int
+    """Half-open ``[start, end)`` in samples of the stream's clock (as :class:`Timing`)."""
+    phoneme: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "end": self.end, "phoneme": self.phoneme}
+
+
+@dataclass(frozen=True)
+class WordTime:
+    """One spoken word and where it is in the client's text."""
+
+    start: int
+    end: int
+    text: str
+    """The word as the client wrote it (``text[char[0]:char[1]]``)."""
+    char: tuple[int, int]
+    """Half-open character span in the client's ``text``."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "end": self.end, "text": self.text, "char": list(self.char)}
+
+
+@dataclass(frozen=True)
+class VisemeTime:
+    """One mouth shape (``engines/visemes.py``: the 15 Oculus/Meta visemes)."""
+
+    start: int
+    end: int
+    viseme: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "end": self.end, "viseme": self.viseme}
+
+
+def _span(d: Any, what: str) -> tuple[int, int]:
+    if not isinstance(d, dict):
+        raise EventError(f"{what} entries must be JSON objects")
+    start, end = _field(d, "start", int, what), _field(d, "end", int, what)
+    if not 0 <= start <= end:
+        raise EventError(f"{what}: start {start} and end {end} must satisfy 0 <= start <= end")
+    return start, end
+
+
+def _entries(d: dict[str, Any], key: str) -> Optional[list[Any]]:
+    if key not in d:
+        return None
+    entries = d[key]
+    if not isinstance(entries, list):
+        raise EventError(f"timing.{key} must be a list")
+    return entries
+
+
+@dataclass
+class Timing:
+    """When each sound of one or more whole sentences is, sent before their first audio (PARTIAL).
+
+    Offsets are samples of the stream's own clock: the output rate ``start``
+    announced, counted from the stream's first sample. A worker counts from
+    its own first sample and in the text it was given; the broker rebases both
+    onto the client's stream and text (:meth:`shifted`), as it does ``mark``."""
+
+    phonemes: Optional[list[PhonemeTime]] = None
+    words: Optional[list[WordTime]] = None
+    visemes: Optional[list[VisemeTime]] = None
+    """Each kind is present only if the request asked for it."""
+
+    name = b"timing"
+
+    def body(self, rid: bytes) -> Frames:
+        d = {k: [e.as_dict() for e in v] for k, v in (("phonemes", self.phonemes), ("words", self.words), ("visemes", self.visemes)) if v is not None}
+        return [rid, self.name, _json(d)]
+
+    @classmethod
+    def from_body(cls, frames: Frames) -> "Timing":
+        d = json_object(frames[2], "timing")
+        timing = cls()
+        if (entries := _entries(d, "phonemes")) is not None:
+            timing.phonemes = [PhonemeTime(*_span(e, "timing.phonemes"), _field(e, "phoneme", str, "timing.phonemes")) for e in entries]
+        if (entries := _entries(d, "visemes")) is not None:
+            timing.visemes = [VisemeTime(*_span(e, "timing.visemes"), _field(e, "viseme", str, "timing.visemes")) for e in entries]
+        if (entries := _entries(d, "words")) is not None:
+            timing.words = []
+            for e in entries:
+                start, end = _span(e, "timing.words")
+                char = _field(e, "char", list, "timing.words")
+                if len(char) != 2 or not all(isinstance(c, int) and not isinstance(c, bool) for c in char) or not 0 <= char[0] <= char[1]:
+                    raise EventError("timing.words.char must be [start, end] character offsets")
+                timing.words.append(WordTime(start, end, _field(e, "text", str, "timing.words"), (char[0], char[1])))
+        return timing
+
+    def shifted(self, samples: int, chars: int) -> "Timing":
+        """The same timings ``samples`` later in the stream and ``chars`` later in the text."""
+        return Timing(
+            None if self.phonemes is None else [PhonemeTime(p.start + samples, p.end + samples, p.phoneme) for p in self.phonemes],
+            None if self.words is None else [WordTime(w.start + samples, w.end + samples, w.text, (w.char[0] + chars, w.char[1] + chars)) for w in self.words],
+            None if self.visemes is None else [VisemeTime(v.start + samples, v.end + samples, v.viseme) for v in self.visemes],
+        )
+
+    def last_char(self) -> int:
+        """Largest character offset any word reaches (0 without words)."""
+        return max((w.char[1] for w in self.words or ()), default=0)
 
 
 @dataclass
@@ -371,8 +516,8 @@ class Other:
     frames: Frames
 
 
-Event = Union[Start, Audio, Mark, Failover, End, Error, Other]
-_DECODERS: dict[bytes, Any] = {c.name: c for c in (Start, Audio, Mark, Failover, End, Error)}
+Event = Union[Start, Audio, Mark, Timing, Failover, End, Error, Other]
+_DECODERS: dict[bytes, Any] = {c.name: c for c in (Start, Audio, Mark, Timing, Failover, End, Error)}
 
 
 def event_name(event: Event) -> str:

@@ -84,6 +84,15 @@ class ChunkEncoder:
             self._resampler = None
         return out
 
+    def position(self, native: int) -> int:
+        """Where sample ``native`` of the current segment (engine rate) lands in its output.
+
+        ``round(native · out / in)``, exactly: python-soxr's stream resampler removes its own
+        filter delay (output sample ``k`` is at time ``k / out`` of the input, and a flushed
+        segment of ``N`` input samples gives ``round(N · out / in)``; ``tests/test_audio.py``
+        checks both with impulses). So timings scale without any delay term."""
+        return (2 * native * self.out_rate + self.in_rate) // (2 * self.in_rate)
+
     def push(self, audio: np.ndarray) -> Iterator[bytes]:
         """Add engine audio of the current segment; yield the chunks now complete."""
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)

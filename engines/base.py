@@ -7,11 +7,12 @@ rate conversion — is the runtime's job (``engines/runtime.py``), written once.
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterable
+from typing import Any, Iterable, Union
 
 import numpy as np
 
 from broker.tts import BAD_REQUEST, RequestError, SynthesisRequest, normalize_language
+from engines.alignment import Alignment
 from engines.schedule import Pacing
 
 
@@ -32,6 +33,12 @@ class Engine(abc.ABC):
     (a thread-safe model, shared state guarded); a second thread lets a new line's first
     piece start while another stream's long piece is in progress."""
 
+    timings: tuple[str, ...] = ()
+    """Timing kinds (``broker.tts.TIMING_KINDS``) the engine can tell, from its own alignment.
+    An engine that offers any yields an ``engines.alignment.Alignment`` from :meth:`speak`
+    just before the audio it describes, when the request asks for timings; one that offers
+    none (XTTS) never does, and its streams say ``"timings": []``: nothing is invented."""
+
     @property
     @abc.abstractmethod
     def service(self) -> str:
@@ -50,15 +57,16 @@ class Engine(abc.ABC):
         """Name of the voice that will speak ``request`` (reported in ``start``)."""
 
     @abc.abstractmethod
-    def speak(self, text: str, request: SynthesisRequest) -> Iterable[np.ndarray]:
-        """Speak one sentence: float32 mono arrays at :attr:`native_rate`, as soon as each exists.
+    def speak(self, text: str, request: SynthesisRequest) -> Iterable[Union[np.ndarray, Alignment]]:
+        """Speak one sentence: float32 mono arrays at :attr:`native_rate`, as soon as each exists
+        (and, for an engine with :attr:`timings` asked for them, an ``Alignment`` before each piece).
 
         The runtime has already split the text (``engines/text.py``) and pulls
         lazily, checking for cancellation between arrays, so a generator that
         does its work on demand is cancelled between pieces.
         """
 
-    def speak_paced(self, text: str, request: SynthesisRequest, pacing: Pacing) -> Iterable[np.ndarray]:
+    def speak_paced(self, text: str, request: SynthesisRequest, pacing: Pacing) -> Iterable[Union[np.ndarray, Alignment]]:
         """:meth:`speak`, told how much time it may take before its listener runs out of audio.
 
         ``pacing.budget()`` is that time in seconds, now, and ``pacing.sharing()`` how many
@@ -86,4 +94,5 @@ class Engine(abc.ABC):
             "languages": self.languages(),
             "voices": self.voices(),
             "sample_rate": self.native_rate,
+            "timings": list(self.timings),
         }

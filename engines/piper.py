@@ -19,17 +19,18 @@ import argparse
 import logging
 import threading
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import onnxruntime
 from piper import PiperVoice, SynthesisConfig
 
-from broker.tts import SynthesisRequest
+from broker.tts import TIMING_KINDS, SynthesisRequest
+from engines.alignment import BOS, EOS, Alignment, WordMap, align_piece, segment, symbol_samples
 from engines.audio import soft_limit
 from engines.base import Engine
 from engines.schedule import UNPACED, Pacing
-from engines.vits_split import FrameStreamer, optimised_model, session_options
+from engines.vits_split import FrameStreamer, optimised_model, session_options, with_durations
 from models.registry import DEFAULT_PIPER_VOICE, resolve_piper_voice
 
 log = logging.getLogger("engines.piper")
@@ -156,6 +157,8 @@ def pick_device(device: str) -> bool:
 
 class PiperEngine(Engine):
     engine = "piper"
+    timings = TIMING_KINDS
+    """From the voice's own phoneme durations (``engines/alignment.py``); none if its graph hides them."""
     slots = 4
     """A window costs ~0.05 of the audio it makes on one core, so one worker keeps several
     real-time streams fed, each advanced a window at a time by deadline."""
@@ -176,8 +179,10 @@ class PiperEngine(Engine):
         self.voice = PiperVoice.load(self.model_path, files.config, use_cuda=use_cuda)
         # piper-tts builds its session with default options; rebuild it with the worker's own
         # (no memory patterns: see engines/vits_split.session_options), on the providers it got.
+        # The graph also outputs its phoneme durations (fetched only for timings, ``engines/alignment.py``).
+        whole, self.durations_output = with_durations(self.model_path)
         self.voice.session = onnxruntime.InferenceSession(
-            str(self.model_path),
+            whole,
             session_options(),
             providers=[(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"})] if CUDA in self.voice.session.get_providers() else ["CPUExecutionProvider"],
         )
@@ -206,6 +211,9 @@ class PiperEngine(Engine):
                 if stream_mode == "frames":
                     raise
                 log.warning("voice %s cannot stream by frames (%s); streaming by sentence", files.name, exc)
+        self.words = WordMap(self.voice.phonemize)
+        if self.durations_output is None or (self.frames is not None and self.frames.durations is None):
+            self.timings = ()
         if self.frames is not None:
             self.frame_gain = self.frames.cached_gain(self._calibrate_gain)
             self.stream_mode = stream_mode if stream_mode != "auto" else self._faster_mode()
@@ -253,23 +261,64 @@ class PiperEngine(Engine):
         log.info("first audio of a long sentence: %.0f ms by sentence, %.0f ms by frames", sentence * 1000, frames * 1000)
         return "frames" if frames < sentence else "sentence"
 
-    def _speak_frames(self, text: str, request: SynthesisRequest, pacing: Pacing = UNPACED) -> Iterator[np.ndarray]:
+    # ------------------------------------------------------------- timings
+
+    def _plan(self, text: str, pieces: list[list[str]]) -> list[tuple[list[str], list, list]]:
+        """Per piece of a sentence: its symbols as the ids count them (``^``, known phonemes,
+        ``$``), their phones, and each phone's word in ``text`` (``engines/alignment.py``)."""
+        known = self.voice.config.phoneme_id_map
+        symbols = [[BOS, *(p for p in ph if p in known), EOS] for ph in pieces]
+        segs = [segment(sy) for sy in symbols]
+        return list(zip(symbols, segs, self.words.assign(text, segs)))
+
+    def _alignment(self, plan: tuple[list[str], list, list], frames: np.ndarray) -> Optional[Alignment]:
+        """The piece's alignment from its ids' durations (latent frames of ``hop`` samples)."""
+        symbols, segs, words = plan
+        hop = self.voice.config.hop_length
+        samples = symbol_samples(symbols, self.voice.config.phoneme_id_map, [int(f) * hop for f in np.asarray(frames).reshape(-1)])
+        if samples is None:
+            log.warning("phoneme durations do not fit the ids of %r; no timings for it", "".join(symbols))
+            return None
+        return align_piece(symbols, segs, words, samples)
+
+    # ---------------------------------------------------------- frame mode
+
+    def _speak_frames(self, text: str, request: SynthesisRequest, pacing: Pacing = UNPACED) -> Iterator[Union[np.ndarray, Alignment]]:
         assert self.frames is not None
-        for phonemes in self.voice.phonemize(text):
-            if not phonemes:
-                continue
+        pieces = [ph for ph in self.voice.phonemize(text) if ph]
+        timed = bool(request.timings) and bool(self.timings)
+        plan = self._plan(text, pieces) if timed else []
+        for i, phonemes in enumerate(pieces):
             feeds = self._feeds(phonemes, request.speed)
             if feeds["input"].shape[1] <= _SHORT_IDS:
                 # Too short to gain from windows: one run of the whole voice is cheaper than two graphs.
-                yield soft_limit(self.voice.session.run(None, feeds)[0].reshape(-1) * self.frame_gain)
+                if timed:
+                    audio, durations = self.voice.session.run([self.voice.session.get_outputs()[0].name, self.durations_output], feeds)
+                    if (alignment := self._alignment(plan[i], durations)) is not None:
+                        yield alignment
+                else:
+                    audio = self.voice.session.run(None, feeds)[0]
+                yield soft_limit(audio.reshape(-1) * self.frame_gain)
                 continue
-            for audio in self.frames.stream(self.frames.latents(feeds), pacing):
+            if timed:
+                latents, durations = self.frames.latents_and_durations(feeds)
+                if durations is not None and (alignment := self._alignment(plan[i], durations)) is not None:
+                    yield alignment
+            else:
+                latents = self.frames.latents(feeds)
+            for audio in self.frames.stream(latents, pacing):
                 yield soft_limit(audio * self.frame_gain)
 
-    def _speak_sentences(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
+    def _speak_sentences(self, text: str, request: SynthesisRequest) -> Iterator[Union[np.ndarray, Alignment]]:
         config = SynthesisConfig(length_scale=(self.voice.config.length_scale or 1.0) / request.speed)
+        timed = bool(request.timings) and bool(self.timings)
+        # Words need the whole sentence's phonemes before its first piece is spoken.
+        plan = self._plan(text, [ph for ph in self.voice.phonemize(text) if ph]) if timed else []
         # espeak may split a sentence further; each piece is one model run.
-        for chunk in self.voice.synthesize(text, config):
+        for i, chunk in enumerate(self.voice.synthesize(text, config, include_alignments=timed)):
+            if timed and i < len(plan) and chunk.phoneme_id_samples is not None:
+                if (alignment := self._alignment(plan[i], chunk.phoneme_id_samples // self.voice.config.hop_length)) is not None:
+                    yield alignment
             yield chunk.audio_float_array
 
     @property

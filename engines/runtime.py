@@ -42,6 +42,7 @@ import zmq
 from broker import mdp, tts
 from broker.caps import EngineCaps
 from broker.keys import CurveKeys, secure_connect
+from engines.alignment import Alignment, to_timing
 from engines.audio import ChunkEncoder
 from engines.base import Engine
 from engines.schedule import SLACK, UNPACED, HasPlayback, Pacing, Playback, next_up
@@ -394,12 +395,15 @@ class WorkerRuntime:
             self.engine.check(request)
             rate = request.sample_rate or self.engine.native_rate
             encoder = ChunkEncoder(self.engine.native_rate, rate, request.format, request.chunk_ms)
+            # Kinds asked for that the engine can tell; the others are not invented.
+            kinds = [k for k in request.timings or () if k in self.engine.timings]
             start = tts.Start(
                 sample_rate=rate,
                 format=request.format,
                 engine=self.engine.engine,
                 voice=self.engine.voice_for(request),
                 worker={"pid": os.getpid(), "host": socket.gethostname(), "service": self.engine.service},
+                timings=kinds if request.timings else None,
             )
             emit(_PARTIAL, start.body(job.rid))
             seq = samples = sentences = 0
@@ -420,7 +424,15 @@ class WorkerRuntime:
                     samples += len(pcm) // width
 
             for lo, hi in split_sentences(request.text, self.engine.max_chars(request.language)):
+                clock = samples  # the stream's clock at this sentence: earlier ones were flushed whole
+                native = 0  # engine samples of this sentence so far
                 for audio in self.engine.speak_paced(request.text[lo:hi], request, pacing):
+                    if isinstance(audio, Alignment):  # before the audio it describes
+                        if kinds:
+                            at = lambda n, off=native: clock + encoder.position(off + n)  # noqa: E731
+                            emit(_PARTIAL, to_timing(audio, kinds, request.text[lo:hi], lo, at).body(job.rid))
+                        continue
+                    native += len(audio)
                     send(encoder.push(audio))
                     yield  # let a job whose listener needs audio sooner go first
                     if job.cancel.is_set():

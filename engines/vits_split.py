@@ -174,6 +174,26 @@ def session_options() -> onnxruntime.SessionOptions:
     return opts
 
 
+def with_durations(model: Path) -> tuple[bytes | str, Optional[str]]:
+    """A voice graph (whole, or the split frontend) that also outputs its phoneme durations,
+    and that output's name; the graph unchanged and None where it has no single ``Ceil``.
+
+    The durations are the duration predictor's ``ceil(exp(logw) · length_scale)``, in latent
+    frames per phoneme id, which the graph computes anyway (piper-tts's ``include_alignments``
+    exposes the same tensor): made an output in memory, so the cached graphs stay as they are,
+    and fetched only by a request that asks for timings (``engines/alignment.py``)."""
+    import onnx
+    from piper.patch_voice_with_alignment import add_alignment_output
+
+    graph = onnx.load(str(model))
+    try:
+        name = add_alignment_output(graph)
+    except ValueError as exc:
+        log.warning("%s: no phoneme durations to expose (%s); no timings", model.name, exc)
+        return str(model), None
+    return graph.SerializeToString(), name
+
+
 def _first_add_after(node, consumers: dict) -> str:  # type: ignore[no-untyped-def]
     todo = deque(node.output)
     seen = set()
@@ -203,6 +223,8 @@ class FrameStreamer:
     """Wall time to decode one latent frame, measured as windows are decoded (starts cautious)."""
     rate: int = 22050
     """The voice's sample rate in Hertz (a latent frame lasts ``HOP / rate`` seconds)."""
+    durations: Optional[str] = None
+    """The frontend's output of phoneme-id durations in latent frames (:func:`with_durations`)."""
 
     def cached_gain(self, calibrate: Callable[[], float]) -> float:
         """The voice's frame-mode gain: measured once (it costs two syntheses of a few sentences), then read."""
@@ -222,17 +244,27 @@ class FrameStreamer:
         # and client need to relay the audio just made. Measured here (2 cores): first window
         # 20 -> 11 ms, worker-to-client transit of the first chunk 3-4 -> 1.3 ms.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        front_graph, durations = with_durations(front)
         return cls(
-            onnxruntime.InferenceSession(str(front), opts, providers=providers),
+            onnxruntime.InferenceSession(front_graph, opts, providers=providers),
             onnxruntime.InferenceSession(str(dec), opts, providers=providers),
             seam,
             front.parent,
             rate=rate,
+            durations=durations,
         )
 
     def latents(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The frontend's outputs (``z_p``, mask…) for one sentence."""
         return dict(zip(self.seam, self.frontend.run(self.seam, feeds)))
+
+    def latents_and_durations(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Optional[np.ndarray]]:
+        """:meth:`latents`, and from the same run (the durations are sampled: a second run would
+        differ) each phoneme id's duration in latent frames; None if the graph has none."""
+        if self.durations is None:
+            return self.latents(feeds), None
+        *outs, durations = self.frontend.run([*self.seam, self.durations], feeds)
+        return dict(zip(self.seam, outs)), durations.reshape(-1)
 
     def frames(self, latents: dict[str, np.ndarray]) -> int:
         return int(max(v.shape[-1] for v in latents.values()))

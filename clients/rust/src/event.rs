@@ -212,7 +212,14 @@ pub enum Event {
         reason: String,
         /// Character offset in the request's text it speaks from.
         resume_at: u64,
+        /// Only when the request asked for timings: the kinds carried from here on
+        /// (fewer than `start` announced, e.g. none after a failover to XTTS: those stopped).
+        timings: Option<Vec<String>>,
     },
+    /// When the sounds of the sentence(s) whose audio comes next fall, in stream samples
+    /// (PROTOCOL.md, "Timings"); only for a request that asked for timings. Feed a
+    /// [`crate::TimingTrack`] to know the current word and viseme while playing.
+    Timing(crate::timing::Timing),
     /// The stream finished successfully.
     End {
         /// The broker's statistics.
@@ -228,6 +235,7 @@ impl Event {
             Event::Audio { .. } => "audio",
             Event::Mark { .. } => "mark",
             Event::Failover { .. } => "failover",
+            Event::Timing(_) => "timing",
             Event::End { .. } => "end",
         }
     }
@@ -247,6 +255,19 @@ impl Event {
         match self {
             Event::Audio { pcm, format, .. } => crate::audio::extend_f32(out, pcm, *format),
             _ => 0,
+        }
+    }
+
+    /// The timing kinds a `Start` or `Failover` says the stream carries (from then on);
+    /// `None` for other events and when the request asked for no timings.
+    pub fn timing_kinds(&self) -> Option<Vec<String>> {
+        match self {
+            Event::Start { extra, .. } => extra
+                .get("timings")
+                .and_then(Value::as_array)
+                .map(|kinds| kinds.iter().filter_map(|k| k.as_str().map(str::to_string)).collect()),
+            Event::Failover { timings, .. } => timings.clone(),
+            _ => None,
         }
     }
 

@@ -59,6 +59,7 @@ mod error;
 mod event;
 pub mod protocol;
 mod request;
+mod timing;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 pub mod wav;
@@ -71,6 +72,7 @@ pub use error::{Error, ErrorCode, ProtocolError};
 pub use event::{AudioSpec, Event, SampleFormat, Stats, WorkerInfo};
 pub use protocol::{CancelOutcome, Reply, ServiceStatus};
 pub use request::{Request, StreamMode};
+pub use timing::{PhonemeSpan, Timing, TimingKind, TimingTrack, VisemeSpan, WordSpan};
 
 /// The `zmq` crate this client is built on, for [`Client::connect_with_context`].
 pub use zmq;

@@ -248,8 +248,13 @@ pub fn parse_event(name: &[u8], args: Frames) -> Result<WireEvent, ProtocolError
                 worker: WorkerInfo::from_json(m.get("worker")),
                 reason: str_field(&m, "reason").unwrap_or_default(),
                 resume_at: required_u64("failover", &m, "resume_at")?,
+                timings: m
+                    .get("timings")
+                    .and_then(Value::as_array)
+                    .map(|kinds| kinds.iter().filter_map(|k| k.as_str().map(str::to_string)).collect()),
             }
         }
+        b"timing" => Event::Timing(crate::timing::Timing::from_json(&one_json_object("timing", &args)?)?),
         b"end" => Event::End {
             stats: Stats::from_json(one_json_object("end", &args)?),
         },
@@ -667,6 +672,21 @@ mod tests {
     }
 
     #[test]
+    fn parses_timing_and_failover_timings() {
+        match event(b"timing", &[br#"{"words":[{"start":0,"end":10,"text":"Hi","char":[0,2]}]}"#]) {
+            Event::Timing(t) => assert_eq!(t.words.map(|w| w[0].chars), Some((0, 2))),
+            other => panic!("not a timing: {other:?}"),
+        }
+        let fo = event(
+            b"failover",
+            &[br#"{"engine":"xtts","voice":"v","worker":{},"reason":"r","resume_at":13,"timings":[]}"#],
+        );
+        assert_eq!(fo.timing_kinds(), Some(vec![]));
+        let start = event(b"start", &[br#"{"sample_rate":22050,"format":"s16le","timings":["words"]}"#]);
+        assert_eq!(start.timing_kinds(), Some(vec!["words".to_string()]));
+    }
+
+    #[test]
     fn parses_mark_failover_end() {
         assert_eq!(
             event(b"mark", &[br#"{"segment":1,"end":28}"#]),
@@ -682,6 +702,7 @@ mod tests {
                 worker,
                 reason,
                 resume_at,
+                ..
             } => {
                 assert_eq!(
                     (engine.as_str(), voice.as_str(), reason.as_str(), resume_at),

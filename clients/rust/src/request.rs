@@ -3,6 +3,7 @@
 use serde_json::{Map, Value};
 
 use crate::event::SampleFormat;
+use crate::timing::TimingKind;
 
 /// How a Piper worker decodes (the `stream` request key); other engines ignore it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -58,6 +59,8 @@ pub struct Request {
     pub sample_rate: Option<u32>,
     /// Audio per chunk, 10–1000 ms; broker default 40.
     pub chunk_ms: Option<u32>,
+    /// Timing kinds to receive as `timing` events (none when `None` or empty).
+    pub timings: Option<Vec<TimingKind>>,
     /// Speaking-rate multiplier, > 0.25 and ≤ 4; broker default 1.0.
     pub speed: Option<f64>,
     /// Piper decoding mode; default the worker's.
@@ -121,6 +124,12 @@ impl Request {
         self
     }
 
+    /// Ask for `timing` events of these kinds (PROTOCOL.md, "Timings"); see [`crate::TimingTrack`].
+    pub fn timings(mut self, kinds: &[TimingKind]) -> Request {
+        self.timings = Some(kinds.to_vec());
+        self
+    }
+
     /// The JSON object (frame 4 of the REQUEST), as a value.
     pub fn to_value(&self) -> Value {
         let mut m = Map::new();
@@ -150,6 +159,11 @@ impl Request {
         if let Some(v) = self.stream {
             m.insert("stream".into(), Value::from(v.as_str()));
         }
+        if let Some(kinds) = &self.timings {
+            if !kinds.is_empty() {
+                m.insert("timings".into(), Value::from(kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>()));
+            }
+        }
         Value::Object(m)
     }
 
@@ -162,6 +176,13 @@ impl Request {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timings_are_encoded_only_when_some_are_asked_for() {
+        let req = Request::new("Hi.").timings(&[TimingKind::Words, TimingKind::Visemes]);
+        assert_eq!(req.to_json(), br#"{"text":"Hi.","timings":["words","visemes"]}"#);
+        assert_eq!(Request::new("Hi.").timings(&[]).to_json(), br#"{"text":"Hi."}"#);
+    }
 
     #[test]
     fn stream_mode_round_trips() {
