@@ -35,7 +35,7 @@ from broker.client import AsyncTtsClient, TtsClient
 from broker.config import ConfigError, load_config
 from broker.security import is_local_endpoint
 from broker.tts import Audio
-from tests.asr import transcribe, words_heard
+from tests.asr import assert_heard_like_piper
 from tests.conftest import EN_VOICE, PT_VOICE, ROOT, Served, free_port, start_serve, stop_serve, wait_services
 from tests.mdp_peers import RawClient
 
@@ -148,7 +148,7 @@ def test_authenticated_client_gets_real_speech_and_status_names_the_worker_certi
         pcm = b"".join(e.pcm for e in stream if isinstance(e, Audio))
         st = client.status()
     assert stream.end is not None and stream.start is not None
-    assert words_heard(SENTENCE, transcribe(np.frombuffer(pcm, dtype="<f4"), 16000)) >= 0.6
+    assert_heard_like_piper(SENTENCE, np.frombuffer(pcm, dtype="<f4"), 16000)
     [worker] = st["services"][SERVICE]["workers"]
     assert worker["certificate"] == "serve-local"  # serve's own key pair for its children
 
