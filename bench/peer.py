@@ -29,6 +29,7 @@ from wyoming.tts import Synthesize, SynthesizeVoice
 
 from broker.client import TtsClient
 from broker.tts import SAMPLE_WIDTH, Audio
+from engines.runtime import IDLE_RELEASE_S
 
 from .common import ROOT, endpoint, percentile, processes
 from .peer_env import VOICE, WYOMING_DATA, wyoming_python
@@ -273,9 +274,13 @@ def run(reps: int = 5, loads: int = 3, workers: int | None = None) -> dict[str, 
                     time.sleep(SETTLE_S)
                 table[name].append(_at_once(speakers[name].speak, [(0.0, NARRATION), *zip(NPC_DELAYS_S, NPC_LINES)]))
                 time.sleep(SETTLE_S)
+        rss_busy = {name: _rss_mb(pid) for name, pid in pids.items()}
+        # "After the run": idle, once an idle worker has given back what serving grew
+        # (engines/runtime.IDLE_RELEASE_S); right after the last request too, for the record.
+        time.sleep(IDLE_RELEASE_S + 1.5)
         rss = {name: _rss_mb(pid) for name, pid in pids.items()}
 
-    out: dict[str, Any] = {"voice": VOICE, "reps": reps, "loads": loads, "workers": workers or "default", "rss": rss}
+    out: dict[str, Any] = {"voice": VOICE, "reps": reps, "loads": loads, "workers": workers or "default", "rss": rss, "rss_busy": rss_busy}
     for case in single:
         for name in names:
             firsts = [h.first * 1000 for h in rows[case][name]]
@@ -318,6 +323,7 @@ def run(reps: int = 5, loads: int = 3, workers: int | None = None) -> dict[str, 
         "peer_table_narration_vs_solo": out["table_ours_narration_vs_solo"],
         "peer_table_underruns": out["table_ours_underruns"],
         "peer_rss_ratio": ratio(rss["ours"]["largest_mb"], rss["wyoming"]["largest_mb"]),
+        "peer_rss_busy_ratio": ratio(out["rss_busy"]["ours"]["largest_mb"], out["rss_busy"]["wyoming"]["largest_mb"]),
     }
     return out
 

@@ -75,6 +75,11 @@ class Engine(abc.ABC):
         """
         return self.speak(text, request)
 
+    def release_memory(self) -> None:
+        """Called when the worker has been idle a while (``engines/runtime.IDLE_RELEASE_S``): give
+        back what serving grew beyond what the next request needs to start (buffers sized for
+        the largest request so far), so an idle worker does not hold its peak. Nothing by default."""
+
     def max_chars(self, language: str) -> int:
         """Longest sentence this engine takes in one piece, in characters."""
         return 400

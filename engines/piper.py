@@ -16,6 +16,7 @@ Run standalone (possibly on another host) with::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import threading
 import time
@@ -24,6 +25,8 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 import onnxruntime
 from piper import PiperVoice, SynthesisConfig
+from piper.config import PiperConfig
+from piper.voice import ESPEAK_DATA_DIR
 
 from broker.tts import TIMING_KINDS, SynthesisRequest
 from engines.alignment import BOS, EOS, Alignment, WordMap, align_piece, segment, symbol_samples
@@ -176,16 +179,19 @@ class PiperEngine(Engine):
         # stream_mode = "sentence" runs piper-tts's path untouched.
         self.model_path = files.model if stream_mode == "sentence" else optimised_model(files.model)
         log.info("loading Piper voice %s from %s (device %s)", files.name, self.model_path, "cuda" if use_cuda else "cpu")
-        self.voice = PiperVoice.load(self.model_path, files.config, use_cuda=use_cuda)
-        # piper-tts builds its session with default options; rebuild it with the worker's own
-        # (no memory patterns: see engines/vits_split.session_options), on the providers it got.
-        # The graph also outputs its phoneme durations (fetched only for timings, ``engines/alignment.py``).
+        # One session, built with the worker's own options (no memory patterns: see
+        # engines/vits_split.session_options), that also outputs the phoneme durations (fetched
+        # only for timings, ``engines/alignment.py``). Not ``PiperVoice.load``'s, then replaced:
+        # the weights of a session built and dropped stayed in the heap (+65 MB of RSS).
         whole, self.durations_output = with_durations(self.model_path)
-        self.voice.session = onnxruntime.InferenceSession(
-            whole,
-            session_options(),
-            providers=[(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"})] if CUDA in self.voice.session.get_providers() else ["CPUExecutionProvider"],
+        self.voice = PiperVoice(
+            config=PiperConfig.from_dict(json.loads(files.config.read_text(encoding="utf-8"))),
+            session=onnxruntime.InferenceSession(
+                whole, session_options(), providers=[(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"})] if use_cuda else ["CPUExecutionProvider"]
+            ),
+            espeak_data_dir=ESPEAK_DATA_DIR,
         )
+        del whole
         providers = self.voice.session.get_providers()
         if use_cuda and CUDA not in providers:
             # onnxruntime falls back to CPU silently when CUDA fails to initialise.
@@ -201,6 +207,8 @@ class PiperEngine(Engine):
             pass
         _plug_espeak_leaks()
         _phonemize_serially(self.voice)
+        self._shortest = self.voice.phonemize("Ah.")[0]
+        """Phonemes of the shortest run, for :meth:`release_memory`."""
         self.frames: Optional[FrameStreamer] = None
         self.frame_gain = 1.0
         self.stream_mode = "sentence"
@@ -320,6 +328,16 @@ class PiperEngine(Engine):
                 if (alignment := self._alignment(plan[i], chunk.phoneme_id_samples // self.voice.config.hop_length)) is not None:
                     yield alignment
             yield chunk.audio_float_array
+
+    def release_memory(self) -> None:
+        """onnxruntime's arenas keep what the largest window or sentence needed (~150 MB for a
+        512-frame window); one short run of each session with arena shrinkage frees the rest."""
+        options = onnxruntime.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0;gpu:0" if CUDA in self.providers else "cpu:0")
+        feeds = self._feeds(self._shortest, 1.0)
+        self.voice.session.run(None, feeds, options)
+        if self.frames is not None:
+            self.frames.run_small(feeds, options)
 
     @property
     def service(self) -> str:

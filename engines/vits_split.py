@@ -266,6 +266,11 @@ class FrameStreamer:
         *outs, durations = self.frontend.run([*self.seam, self.durations], feeds)
         return dict(zip(self.seam, outs)), durations.reshape(-1)
 
+    def run_small(self, feeds: dict[str, np.ndarray], options: onnxruntime.RunOptions) -> None:
+        """Both halves on a short input with ``options``: what an idle worker runs to shrink
+        their arenas (``PiperEngine.release_memory``)."""
+        self.decoder.run(None, dict(zip(self.seam, self.frontend.run(self.seam, feeds, options))), options)
+
     def frames(self, latents: dict[str, np.ndarray]) -> int:
         return int(max(v.shape[-1] for v in latents.values()))
 

@@ -52,11 +52,11 @@ class _Pieces(Engine):
 class _Broker:
     """The broker side of one worker, by hand."""
 
-    def __init__(self, engine: Engine | None = None) -> None:
+    def __init__(self, engine: Engine | None = None, idle_release_s: float = 10.0) -> None:
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.bind(self.endpoint)
-        self.runtime = WorkerRuntime(engine or _Pieces(), self.endpoint, heartbeat_s=0.5, liveness=20)
+        self.runtime = WorkerRuntime(engine or _Pieces(), self.endpoint, heartbeat_s=0.5, liveness=20, idle_release_s=idle_release_s)
         self.thread = threading.Thread(target=self.runtime.run)
         self.thread.start()
         assert self.sock.poll(10_000)
@@ -278,3 +278,40 @@ def test_windows_grow_with_the_audio_in_hand_and_shrink_for_the_others() -> None
     assert all(4 * streamer.frame_cost_s * (e - s + 2 * MARGIN) < (e - s) * HOP / streamer.rate for s, e in four[1:-1])
     for windows in (alone, ahead, crowded, shared, four):
         assert windows[-1][1] == total and all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
+
+
+class _Remembers(_Pieces):
+    """``_Pieces`` that counts the times it was asked to give back memory, and when."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = threading.Semaphore(0)
+        self.while_busy: list[bool] = []
+        self.runtime: WorkerRuntime | None = None
+
+    def release_memory(self) -> None:
+        assert self.runtime is not None
+        self.while_busy.append(bool(self.runtime._active))
+        self.released.release()
+
+
+IDLE_S = 0.3
+
+
+def test_an_idle_worker_gives_back_memory_once_per_idle_spell() -> None:
+    engine = _Remembers()
+    broker = _Broker(engine, idle_release_s=IDLE_S)
+    engine.runtime = broker.runtime
+    try:
+        assert not engine.released.acquire(timeout=IDLE_S * 2), "released before serving anything"
+        for spell in range(2):
+            broker.request(b"%d" % spell, "3 pieces")
+            for _, final, _ in broker.replies():
+                if final:
+                    break
+            assert engine.released.acquire(timeout=IDLE_S * 10), f"idle spell {spell}: memory never given back"
+            # Nothing served since: no second release in the same idle spell.
+            assert not engine.released.acquire(timeout=IDLE_S * 2)
+        assert engine.while_busy == [False, False]
+    finally:
+        broker.close()
