@@ -167,7 +167,10 @@ class BrokerHandler(AsyncEventHandler):
         async def run() -> None:
             if previous is not None:
                 await asyncio.wait([previous])
-            await job()
+            try:
+                await job()
+            except ConnectionError as exc:  # the client went away while we wrote; its stream was cancelled
+                log.info("wyoming %s: connection lost: %s", self.peer, exc)
 
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
@@ -202,8 +205,12 @@ class BrokerHandler(AsyncEventHandler):
 
         Returns (whether the stream ended well, the audio format once audio was sent); a broker
         error is sent as an ``error`` event."""
-        options = await self.gw.catalog.options(voice.name if voice else None, voice.language if voice else None)
-        stream = await self.gw.client.speak(text, **options)
+        try:
+            options = await self.gw.catalog.options(voice.name if voice else None, voice.language if voice else None)
+            stream = await self.gw.client.speak(text, **options)
+        except TtsError as exc:  # the broker did not answer tts.status
+            await self.write_event(WyomingError(text=exc.message, code=exc.code).event())
+            return False, fmt
         rid = stream.rid.decode()
         try:
             async for event in stream:
