@@ -140,6 +140,19 @@ def wait_listening(port: int, proc: subprocess.Popen, log: Path, timeout: float 
             time.sleep(0.1)
 
 
+def wait_workers(s: Served, service: str, n: int, timeout: float = 120.0) -> None:
+    import json
+
+    c = s.client()
+    try:
+        deadline = time.monotonic() + timeout
+        while len(json.loads(c.call(b"tts.status", b"{}")[3])["services"].get(service, {"workers": []})["workers"]) < n:
+            assert time.monotonic() < deadline, f"{service}: fewer than {n} workers"
+            time.sleep(0.1)
+    finally:
+        c.close()
+
+
 @pytest.fixture(scope="session")
 def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewayed]:
     wy, http = free_port(), free_port()
@@ -150,6 +163,7 @@ def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewayed]:
     s = start_serve(tmp_path_factory.mktemp("gateways"), workers)
     try:
         wait_services(s.frontend, [f"piper.{EN_VOICE}"])
+        wait_workers(s, f"piper.{EN_VOICE}", 2)
         wait_listening(wy, s.proc, s.log)
         wait_listening(http, s.proc, s.log)
         yield Gatewayed(s, wy, f"http://127.0.0.1:{http}")
