@@ -235,7 +235,8 @@ class HttpGateway:
         finally:
             if not stream.done:
                 await stream.cancel()
-        assert response is not None
+        if response is None:  # an end without audio: nothing a client could play
+            raise ApiError(502, "the broker ended the stream without audio", tts.INTERNAL)
         await response.write_eof()
         end = stream.end.stats if stream.end else {}
         log.info("http r=%s: %s %d bytes in %d chunks, first audio %s ms (broker), engine %s",

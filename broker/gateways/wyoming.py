@@ -146,6 +146,8 @@ class BrokerHandler(AsyncEventHandler):
                 self._after(partial(self._synthesize, syn.text, syn.voice))
             return True
         if SynthesizeStart.is_type(event.type):
+            if self._text is not None:  # a new session without a stop: the open one ends with what it has
+                self._text.finish()
             self._text = _TextStream(SynthesizeStart.from_event(event).voice)
             self._after(partial(self._synthesize_stream, self._text))
             return True
