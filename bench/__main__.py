@@ -62,13 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-xtts", action="store_true", help="skip the XTTS figures (no torch installed)")
     p.add_argument("--skip-rust", action="store_true", help="skip the Rust client figures (no cargo)")
     p.add_argument("--skip-peer", action="store_true", help="skip the side-by-side with wyoming-piper and the gateways case (bench/peer_env.py not built)")
-    p.add_argument("--only-gateways", action="store_true", help="run only the gateways case and print its figures (RESULTS.md is not rewritten)")
+    p.add_argument("--only-gateways", action="store_true", help="run only the gateways case: bench/results/gateways-MODE.json (RESULTS.md is not rewritten)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     q = a.quick
     if a.only_gateways:
-        r = gateways.run(reps=8 if q else 20)
-        print(json.dumps(r, indent=1))
+        r = {"mode": "quick" if q else "full", "machine": machine_info(), "gateways": gateways.run(reps=8 if q else 20)}
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"gateways-{r['mode']}.json").write_text(json.dumps(r, indent=1))
+        print(json.dumps({k: r["gateways"][k] for k in GATEWAY_KEYS}, separators=(",", ":")))
         return 0
     results: dict[str, Any] = {"mode": "quick" if q else "full", "machine": machine_info()}
 
