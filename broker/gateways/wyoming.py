@@ -19,7 +19,9 @@ re-implemented here). One :class:`BrokerHandler` per connection:
 * a broker error → an ``error`` event with the broker's ``code`` and message;
 * a client that disconnects has its stream cancelled at the broker
   (``tts.cancel``): synthesis runs in a task of its own while the connection
-  keeps being read, so the end of the connection is seen at once.
+  keeps being read, so the end of the connection is seen at once (a client
+  that only shuts down its sending side is taken as gone too: the package's
+  handler closes the connection at the end of its input).
 
 Voice selection: ``voice.name`` a voice from ``info`` (or any voice or speaker
 the broker knows), ``voice.language`` a language tag; see :mod:`.voices`.
