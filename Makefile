@@ -5,9 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -c constraints.txt
 # The Rust client's tests build with Debian's toolchain, which `rust-deps` installs
-# (scripts/install-rust-deps.sh), whatever else is on PATH.
+# (scripts/install-rust-deps.sh), whatever else is on PATH. The web page's test drives
+# Debian's headless Chromium through its chromedriver, which `browser-deps` installs
+# (scripts/install-browser.sh).
 
-.PHONY: setup demo test bench rust-deps clean
+.PHONY: setup demo test bench rust-deps browser-deps clean
 
 $(VENV)/.base: pyproject.toml constraints.txt
 	@echo "[setup] creating $(VENV) and installing the Piper path (piper-tts, onnxruntime, pyzmq …)"
@@ -24,12 +26,15 @@ $(VENV)/.full: $(VENV)/.base
 rust-deps:
 	sh scripts/install-rust-deps.sh
 
+browser-deps:
+	sh scripts/install-browser.sh
+
 setup: $(VENV)/.full
 
 demo: $(VENV)/.base
 	$(VENV)/bin/tts-broker demo
 
-test: $(VENV)/.full rust-deps
+test: $(VENV)/.full rust-deps browser-deps
 	$(PY) -m pytest
 
 # The peers the benchmark runs side by side (wyoming-piper in its own venv, the same voice).

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import failover, peer, relay, report, rust_client, throughput, ttfa
+from . import failover, gateways, peer, relay, report, rust_client, throughput, ttfa
 from .common import machine_info
 
 GOALS = {
@@ -44,7 +44,15 @@ GOALS = {
     "peer_table_narration_vs_solo": ("<=", 1.1),
     "peer_table_underruns": ("<=", 0),
     "peer_rss_ratio": ("<=", 1.15),
+    # The gateways (bench/gateways.py; issue 17's goals).
+    "wyoming_ttfa_ratio": ("<=", 1.10),
+    "http_ttfa_ratio": ("<=", 1.10),
+    "gateway_peer_short_ratio": ("<=", 1.0),
+    "gateway_peer_long_ratio": ("<=", 0.25),
 }
+
+
+GATEWAY_KEYS = ("wyoming_ttfa_ratio", "http_ttfa_ratio", "gateway_peer_short_ratio", "gateway_peer_long_ratio")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,10 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--skip-xtts", action="store_true", help="skip the XTTS figures (no torch installed)")
     p.add_argument("--skip-rust", action="store_true", help="skip the Rust client figures (no cargo)")
-    p.add_argument("--skip-peer", action="store_true", help="skip the side-by-side with wyoming-piper (bench/peer_env.py not built)")
+    p.add_argument("--skip-peer", action="store_true", help="skip the side-by-side with wyoming-piper and the gateways case (bench/peer_env.py not built)")
+    p.add_argument("--only-gateways", action="store_true", help="run only the gateways case: bench/results/gateways-MODE.json (RESULTS.md is not rewritten)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     q = a.quick
+    if a.only_gateways:
+        r = {"mode": "quick" if q else "full", "machine": machine_info(), "gateways": gateways.run(reps=8 if q else 20)}
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"gateways-{r['mode']}.json").write_text(json.dumps(r, indent=1))
+        print(json.dumps({k: r["gateways"][k] for k in GATEWAY_KEYS}, separators=(",", ":")))
+        return 0
     results: dict[str, Any] = {"mode": "quick" if q else "full", "machine": machine_info()}
 
     def step(name: str, fn: Callable[[], Any]) -> Any:
@@ -81,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         step("rust_client", lambda: rust_client.run(reps=40 if q else 80, loads=3 if q else 10))
     if not a.skip_peer:
         step("peer", lambda: peer.run(reps=5 if q else 15, loads=2 if q else 5))
+        step("gateways", lambda: gateways.run(reps=8 if q else 20))
 
     headline = {
         "relay_overhead_ratio": results["relay"]["relay_overhead_ratio"],
@@ -99,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "rust_ttfa_ratio": results.get("rust_client", {}).get("rust_ttfa_ratio"),
         "rust_8_streams_ttfa_ms": results.get("rust_client", {}).get("rust_8_streams_ttfa_ms"),
         **results.get("peer", {}).get("peer", {}),
+        **{k: results.get("gateways", {}).get(k) for k in GATEWAY_KEYS},
     }
     headline["goals_met"] = {
         k: (headline[k] <= v if op == "<=" else headline[k] >= v) for k, (op, v) in GOALS.items() if headline.get(k) is not None

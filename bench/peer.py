@@ -119,10 +119,14 @@ class Ours:
 
 
 class Wyoming:
+    """A Wyoming client (the ``wyoming`` package's framing, a fresh connection per request, made before
+    the clock starts, as Home Assistant does): wyoming-piper, or our Wyoming gateway."""
+
     name = "wyoming"
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, server: str = "wyoming-piper") -> None:
         self.port = port
+        self.server = server
 
     def speak(self, text: str) -> Heard:
         with socket.create_connection(("127.0.0.1", self.port)) as sock, sock.makefile("rwb") as io:
@@ -137,8 +141,8 @@ class Wyoming:
                 elif AudioStop.is_type(event.type):
                     return player.heard()
                 elif not AudioStart.is_type(event.type):
-                    raise RuntimeError(f"wyoming-piper answered {event.type}: {event.data}")
-            raise RuntimeError("wyoming-piper closed the connection mid-stream")
+                    raise RuntimeError(f"{self.server} answered {event.type}: {event.data}")
+            raise RuntimeError(f"{self.server} closed the connection mid-stream")
 
 
 def _cpu_s(pid: int) -> float:
@@ -162,24 +166,27 @@ def _rss_mb(pid: int) -> dict[str, float]:
     return {"largest_mb": round(max(rss), 1), "total_mb": round(sum(rss), 1)}
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 120, name: str = "wyoming-piper") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"wyoming-piper exited with {proc.returncode}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
             time.sleep(0.2)
-    raise RuntimeError("wyoming-piper did not listen in time")
+    raise RuntimeError(f"{name} did not listen on {port} in time")
 
 
 @contextmanager
-def _servers(workers: int | None) -> Iterator[tuple[dict[str, Any], dict[str, int]]]:
-    """Both servers up and warmed: (speakers by name, server pid by name)."""
+def _servers(
+    workers: int | None, serve_args: tuple[str, ...] = (), serve_ports: tuple[int, ...] = ()
+) -> Iterator[tuple[dict[str, Any], dict[str, int]]]:
+    """Both servers up and warmed: (speakers by name, server pid by name). ``serve_args`` go to
+    ``tts-broker serve`` (gateways: bench/gateways.py), which must then listen on ``serve_ports``."""
     frontend, backend = endpoint(), endpoint()
-    argv = ["-m", "broker.cli", "serve", "--frontend", frontend, "--backend", backend]
+    argv = ["-m", "broker.cli", "serve", "--frontend", frontend, "--backend", backend, *serve_args]
     with ExitStack() as stack:
         if workers is not None:
             config = stack.enter_context(_config(workers))
@@ -196,6 +203,8 @@ def _servers(workers: int | None) -> Iterator[tuple[dict[str, Any], dict[str, in
         with TtsClient(frontend, timeout=300) as client:
             if not client.wait_ready(timeout=300):
                 raise RuntimeError("tts-broker serve did not get a worker ready in time")
+        for served_port in serve_ports:
+            _wait_port(served_port, ours_proc, name="tts-broker serve")
         try:
             _wait_port(port, wy_proc)
         except RuntimeError as exc:
@@ -203,7 +212,7 @@ def _servers(workers: int | None) -> Iterator[tuple[dict[str, Any], dict[str, in
             raise RuntimeError(f"{exc}; its log ends:\n{log.read()[-2000:].decode(errors='replace')}") from None
         ours = Ours(frontend)
         stack.callback(ours.close)
-        speakers = {"ours": ours, "wyoming": Wyoming(port)}
+        speakers: dict[str, Any] = {"ours": ours, "wyoming": Wyoming(port)}
         for speaker in speakers.values():  # the first request of each pays for lazy set-up
             speaker.speak("Ready.")
             speaker.speak(TEXT)

@@ -156,7 +156,35 @@ def _table(results: dict[str, Any], goals: dict[str, tuple[str, float]]) -> str:
         ]
     if "peer" in results:
         lines += _peer_lines(results["peer"])
+    if "gateways" in results:
+        lines += _gateway_lines(results["gateways"])
     return "\n".join(lines)
+
+
+def _gateway_lines(g: dict[str, Any]) -> list[str]:
+    """First audio through the Wyoming and HTTP gateways (bench/gateways.py)."""
+    f = g["first_ms"]
+    sides = (("zmq", "ZeroMQ client"), ("wyoming_gw", "Wyoming gateway"), ("http_gw", "HTTP gateway"), ("wyoming_piper", "wyoming-piper"))
+    lines = [
+        "## Gateways (same broker, same run, interleaved)",
+        "",
+        f"First audio p50 / p90 ms at the client, {g['reps']} repetitions; `tts-broker serve` as it ships with "
+        "`--wyoming` and `--http`, and wyoming-piper 2.5.2 on the same voice.",
+        "",
+        "| case | " + " | ".join(name for _, name in sides) + " |",
+        "|---|" + "---|" * len(sides),
+    ]
+    for case, label in (("passage", "3-sentence passage"), ("short", "\"Halt! Who goes there?\""), ("long", "47-word sentence")):
+        cells = [f"{f[case][s]['p50']} / {f[case][s]['p90']}" if s in f[case] else "" for s, _ in sides]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"`wyoming_ttfa_ratio` **{g['wyoming_ttfa_ratio']}**, `http_ttfa_ratio` **{g['http_ttfa_ratio']}** (gateway ÷ ZeroMQ, passage; "
+        f"short line {g['wyoming_short_ttfa_ratio']} and {g['http_short_ttfa_ratio']}); our Wyoming gateway ÷ wyoming-piper: "
+        f"short **{g['gateway_peer_short_ratio']}**, 47-word sentence **{g['gateway_peer_long_ratio']}**.",
+        "",
+    ]
+    return lines
 
 
 def _table_scene(p: dict[str, Any], path: Path) -> None:

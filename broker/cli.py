@@ -1,4 +1,4 @@
-"""``tts-broker``: serve, say, status, demo, keys."""
+"""``tts-broker``: serve, say, status, demo, keys, and the gateways (wyoming, http)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from engines import registry as engines
 from . import keys, tts
 from .captions import TimingTrack, plot_timings, webvtt
 from .client import TtsClient, TtsError
-from .config import BrokerConfig, Config, ConfigError, load_config
+from .config import BrokerConfig, Config, ConfigError, GatewaysConfig, load_config, split_host_port, wyoming_uri
 
 if TYPE_CHECKING:
     from .metrics import BrokerMetrics
@@ -230,6 +230,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
         cfg.broker.frontend = a.frontend
     if a.backend:
         cfg.broker.backend = a.backend
+    if a.wyoming or a.http:
+        try:
+            cfg.gateways = GatewaysConfig(wyoming=a.wyoming or cfg.gateways.wyoming, http=a.http or cfg.gateways.http)
+            cfg._gateways_plain()
+        except ValueError as exc:
+            raise ConfigError(f"gateways: {exc}") from None
     stop = False
     hup = False
 
@@ -306,6 +312,45 @@ def _curve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--broker-key", help="the broker's public certificate (broker.key)")
 
 
+def _gateway_logging(level: str) -> None:
+    _logging(level)
+    # aiohttp and the wyoming package log every connection at INFO/DEBUG; ours say what matters.
+    logging.getLogger("aiohttp").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def cmd_wyoming(a: argparse.Namespace) -> int:
+    """The Wyoming gateway (broker/gateways/wyoming.py) in this process."""
+    import asyncio
+
+    from .gateways import wyoming
+
+    try:
+        wyoming_uri(a.uri)
+    except ValueError as exc:
+        raise ConfigError(f"--uri: {exc}") from None
+    _gateway_logging(a.log_level)
+    asyncio.run(wyoming.serve(a.broker, a.uri, **_curve(a)))
+    return 0
+
+
+def cmd_http(a: argparse.Namespace) -> int:
+    """The OpenAI-compatible HTTP gateway and web page (broker/gateways/http.py) in this process."""
+    import asyncio
+
+    from .gateways import http
+
+    try:
+        host, port = split_host_port(a.listen)
+    except ValueError as exc:
+        raise ConfigError(f"--listen: {exc}") from None
+    _gateway_logging(a.log_level)
+    try:
+        asyncio.run(http.serve(a.broker, host, port, **_curve(a)))
+    except OSError as exc:
+        raise ConfigError(f"--listen: cannot listen on {a.listen}: {exc.strerror}") from None
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     """The main job: broker + one Piper worker on the bundled voice, one sentence to a WAV."""
     _logging(a.log_level)
@@ -330,6 +375,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     s.add_argument("--config", help="TOML configuration file")
     s.add_argument("--frontend", help=f"client endpoint (default {d.frontend})")
     s.add_argument("--backend", help=f"worker endpoint (default {d.backend})")
+    s.add_argument("--wyoming", metavar="URI", help="also run the Wyoming gateway on URI (tcp://127.0.0.1:10200); overrides [gateways] wyoming")
+    s.add_argument("--http", metavar="HOST:PORT", help="also run the HTTP gateway and web page on HOST:PORT (127.0.0.1:8000); overrides [gateways] http")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("say", help="speak text through a running broker into a WAV file")
@@ -358,6 +405,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     s.add_argument("dir")
     s.add_argument("name")
     s.set_defaults(func=cmd_keys)
+
+    s = sub.add_parser("wyoming", help="run the Wyoming gateway (Home Assistant) in front of a running broker")
+    s.add_argument("--broker", default=d.frontend, help=f"the broker's frontend (default {d.frontend})")
+    s.add_argument("--uri", default="tcp://127.0.0.1:10200", help="where to listen: tcp://HOST:PORT or unix://PATH (default tcp://127.0.0.1:10200)")
+    s.add_argument("--log-level", default="INFO")
+    _curve_arguments(s)
+    s.set_defaults(func=cmd_wyoming)
+
+    s = sub.add_parser("http", help="run the OpenAI-compatible HTTP gateway and web page in front of a running broker")
+    s.add_argument("--broker", default=d.frontend, help=f"the broker's frontend (default {d.frontend})")
+    s.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT to listen on (default 127.0.0.1:8000)")
+    s.add_argument("--log-level", default="INFO")
+    _curve_arguments(s)
+    s.set_defaults(func=cmd_http)
 
     s = sub.add_parser("demo", help="start everything on the bundled voice and speak one passage")
     s.add_argument("text", nargs="?", default=DEMO_TEXT)

@@ -332,6 +332,8 @@ class AsyncTtsClient:
         self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
         self._streams: dict[bytes, AsyncStream] = {}
+        self._calls: dict[str, collections.deque[asyncio.Future[mdp.ClientReply]]] = {}
+        """Waiters of plain request/reply services (``tts.status``, ``mmi.*``), oldest first."""
         self._ids = itertools.count()
         self._prefix = _new_prefix()
         loop = asyncio.get_running_loop()
@@ -352,6 +354,9 @@ class AsyncTtsClient:
                 reply = mdp.decode_client_reply(frames)
                 if reply.service == tts.CANCEL_SERVICE:
                     continue
+                if reply.service == tts.STATUS_SERVICE or reply.service.startswith("mmi."):
+                    self._answer(reply)
+                    continue
                 rid, event = tts.decode_event(reply.body)
             except ValueError:
                 continue
@@ -371,6 +376,45 @@ class AsyncTtsClient:
     async def cancel(self, stream: AsyncStream) -> None:
         if not stream.done:
             await self.sock.send_multipart(mdp.ClientRequest(tts.CANCEL_SERVICE, [stream.rid]).frames())
+
+    def _answer(self, reply: mdp.ClientReply) -> None:
+        """Hand a plain reply to the oldest waiter of its service.
+
+        The broker answers these services at once and in order on one socket,
+        so replies match waiters first in, first out. A waiter that timed out
+        has left the queue; its late reply goes to the next waiter, which for
+        ``tts.status`` is an equally valid (slightly older) status."""
+        waiters = self._calls.get(reply.service)
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(reply)
+                return
+
+    async def _call(self, service: str, body: list[bytes], timeout: float) -> Optional[mdp.ClientReply]:
+        fut: asyncio.Future[mdp.ClientReply] = asyncio.get_running_loop().create_future()
+        waiters = self._calls.setdefault(service, collections.deque())
+        waiters.append(fut)
+        await self.sock.send_multipart(mdp.ClientRequest(service, body).frames())
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            if fut in waiters:
+                waiters.remove(fut)
+
+    async def status(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The broker's ``tts.status`` (PROTOCOL.md, "Status"); :class:`TtsTimeout` if it does not answer."""
+        reply = await self._call(tts.STATUS_SERVICE, [b"{}"], timeout)
+        if reply is None:
+            raise TtsTimeout(f"broker did not answer tts.status within {timeout:g}s")
+        return json.loads(reply.body[0])
+
+    async def service_ready(self, service: str = tts.SERVICE, timeout: float = 2.0) -> bool:
+        """MMI ``mmi.service``: True when a live worker can serve ``service`` now."""
+        reply = await self._call("mmi.service", [service.encode()], timeout)
+        return reply is not None and reply.body[:1] == [b"200"]
 
     async def close(self) -> None:
         for task in self._tasks:

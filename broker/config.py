@@ -122,6 +122,41 @@ class MetricsConfig(_Strict):
         return None if self.listen is None else split_host_port(self.listen)
 
 
+class GatewaysConfig(_Strict):
+    """``[gateways]``: the Wyoming and OpenAI-compatible HTTP gateways (``broker/gateways``), each run by
+    ``serve`` as a supervised process of its own, a client of this broker. Absent or unset: off."""
+
+    wyoming: Optional[str] = None
+    """``tcp://HOST:PORT`` (or ``unix://PATH``) the Wyoming gateway listens on, e.g. ``tcp://127.0.0.1:10200``."""
+    http: Optional[str] = None
+    """``HOST:PORT`` the HTTP gateway (and its web page) listens on, e.g. ``127.0.0.1:8000``."""
+
+    @field_validator("wyoming")
+    @classmethod
+    def _uri(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            wyoming_uri(v)
+        return v
+
+    @field_validator("http")
+    @classmethod
+    def _host_port(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            split_host_port(v)
+        return v
+
+
+def wyoming_uri(text: str) -> str:
+    """``tcp://HOST:PORT`` or ``unix://PATH`` (what the ``wyoming`` package's servers take); ValueError otherwise."""
+    scheme, sep, rest = text.partition("://")
+    if sep and scheme == "tcp":
+        split_host_port(rest)
+        return text
+    if sep and scheme == "unix" and rest:
+        return text
+    raise ValueError(f"{text!r} is not tcp://HOST:PORT or unix://PATH")
+
+
 def split_host_port(text: str) -> tuple[str, int]:
     """``"127.0.0.1:9464"`` -> ("127.0.0.1", 9464); ``"[::1]:9464"`` -> ("::1", 9464); ValueError otherwise."""
     host, sep, port = text.rpartition(":")
@@ -205,6 +240,7 @@ class Config(_Strict):
     routing: RoutingConfig = RoutingConfig()
     security: SecurityConfig = SecurityConfig()
     metrics: MetricsConfig = MetricsConfig()
+    gateways: GatewaysConfig = GatewaysConfig()
     workers: list[WorkerConfig] = Field(default_factory=lambda: [WorkerConfig()])
     voice_dirs: list[str] = Field(default_factory=list)
     """Extra directories searched for ``NAME.onnx`` voices."""
@@ -235,6 +271,15 @@ class Config(_Strict):
                 raise ValueError(f"use_xtts_fallback: {exc}") from None
             device = "cuda" if self.xtts_use_gpu else "cpu"
             self.workers.append(WorkerConfig(engine="xtts", model_dir=model_dir, device=device))
+        return self
+
+    @model_validator(mode="after")
+    def _gateways_plain(self) -> "Config":
+        if self.security.curve and (self.gateways.wyoming or self.gateways.http):
+            raise ValueError(
+                "gateways: serve does not run gateways with [security] curve = true; run `tts-broker wyoming` / "
+                "`tts-broker http` with --curve-key and --broker-key instead"
+            )
         return self
 
     @model_validator(mode="after")

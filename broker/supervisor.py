@@ -72,6 +72,8 @@ class _Slot:
     name: str
     argv: list[str]
     service: str
+    gateway: bool = False
+    """A gateway process (``[gateways]``), not an engine worker: its restarts are not worker restarts."""
     proc: Optional[subprocess.Popen] = None
     started: float = 0.0
     backoff: float = BACKOFF_START_S
@@ -79,12 +81,31 @@ class _Slot:
     restarts: int = 0
 
 
+def _local(endpoint: str) -> str:
+    """Where a child on this host reaches a bound endpoint (``*`` and ``0.0.0.0`` are not addresses)."""
+    return endpoint.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
+
+
+def gateway_argvs(cfg: Config) -> dict[str, list[str]]:
+    """``tts-broker wyoming`` / ``tts-broker http`` command lines for the configured ``[gateways]``,
+    clients of this broker's frontend."""
+    g = cfg.gateways
+    base = [sys.executable, "-m", "broker.cli"]
+    common = ["--broker", _local(cfg.broker.frontend), "--log-level", cfg.log_level]
+    out = {}
+    if g.wyoming:
+        out["wyoming"] = [*base, "wyoming", *common, "--uri", g.wyoming]
+    if g.http:
+        out["http"] = [*base, "http", *common, "--listen", g.http]
+    return out
+
+
 def worker_argv(cfg: Config, w: WorkerConfig, local_keys: Optional[LocalWorkerKeys] = None) -> list[str]:
     b = cfg.broker
     spec = engines.get(w.engine)
     argv = [
         sys.executable, "-m", spec.module,
-        "--backend", b.backend.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1"),
+        "--backend", _local(b.backend),
         "--heartbeat-ms", str(b.heartbeat_ms),
         "--liveness", str(b.liveness),
         "--log-level", cfg.log_level,
@@ -113,6 +134,7 @@ class Supervisor:
             for service in [engines.get(w.engine).service(w.options)]
             for i in range(w.count)
         ]
+        self.slots += [_Slot(f"gateway.{kind}", argv, f"gateway.{kind}", gateway=True) for kind, argv in gateway_argvs(cfg).items()]
         self.on_restart = on_restart
         """Told the service of each worker restarted (metrics)."""
         self.stop_event = threading.Event()
@@ -133,7 +155,7 @@ class Supervisor:
             slot.restart_at = slot.started + slot.backoff
             slot.backoff = min(slot.backoff * 2, BACKOFF_MAX_S)
             return
-        log.info("started worker %s (pid %d)", slot.name, slot.proc.pid)
+        log.info("started %s %s (pid %d)", "gateway" if slot.gateway else "worker", slot.name, slot.proc.pid)
 
     def _watch(self) -> None:
         for slot in self.slots:
@@ -148,14 +170,14 @@ class Supervisor:
                     ran = now - slot.started
                     if ran >= STABLE_AFTER_S:
                         slot.backoff = BACKOFF_START_S
-                    log.warning("worker %s (pid %d) exited with %s after %.1fs; restarting in %.1fs",
-                                slot.name, proc.pid, proc.returncode, ran, slot.backoff)
+                    log.warning("%s %s (pid %d) exited with %s after %.1fs; restarting in %.1fs",
+                                "gateway" if slot.gateway else "worker", slot.name, proc.pid, proc.returncode, ran, slot.backoff)
                     slot.proc = None
                     slot.restart_at = now + slot.backoff
                     slot.backoff = min(slot.backoff * 2, BACKOFF_MAX_S)
                 elif proc is None and now >= slot.restart_at and not self.stop_event.is_set():
                     slot.restarts += 1
-                    if self.on_restart is not None:
+                    if self.on_restart is not None and not slot.gateway:
                         self.on_restart(slot.service)
                     self._spawn(slot)
 

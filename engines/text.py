@@ -54,3 +54,16 @@ def split_sentences(text: str, max_chars: int = 400) -> list[tuple[int, int]]:
         else:
             merged.append((s, e))
     return merged
+
+
+def whole_sentences(text: str) -> int:
+    """Length of the longest prefix of ``text`` made of finished sentences (0 if none is).
+
+    For text that arrives in pieces (a Wyoming ``synthesize-chunk`` stream, an
+    LLM's tokens): the prefix can be spoken now, the rest waits for more text.
+    A sentence is finished by the same rule as :func:`split_sentences`: its
+    closing punctuation followed by whitespace."""
+    end = 0
+    for m in _SENTENCE_END.finditer(text):
+        end = m.end()
+    return end

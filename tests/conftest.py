@@ -117,3 +117,56 @@ def client(served: Served) -> Iterator[RawClient]:
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+@dataclass
+class Gatewayed:
+    """``serve`` with two Piper workers of the bundled voice and both gateways (``[gateways]``)."""
+
+    served: Served
+    wyoming_port: int
+    http_url: str
+
+
+def wait_listening(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"serve exited; log:\n{log.read_text(errors='replace')[-3000:]}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on {port}; log:\n{log.read_text(errors='replace')[-3000:]}"
+            time.sleep(0.1)
+
+
+def wait_workers(s: Served, service: str, n: int, timeout: float = 120.0) -> None:
+    import json
+
+    c = s.client()
+    try:
+        deadline = time.monotonic() + timeout
+        while len(json.loads(c.call(b"tts.status", b"{}")[3])["services"].get(service, {"workers": []})["workers"]) < n:
+            assert time.monotonic() < deadline, f"{service}: fewer than {n} workers"
+            time.sleep(0.1)
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="session")
+def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewayed]:
+    wy, http = free_port(), free_port()
+    workers = (
+        f'[gateways]\nwyoming = "tcp://127.0.0.1:{wy}"\nhttp = "127.0.0.1:{http}"\n'
+        f'[[workers]]\nvoice = "{EN_VOICE}"\ndevice = "cpu"\ncount = 2\n'
+    )
+    s = start_serve(tmp_path_factory.mktemp("gateways"), workers)
+    try:
+        wait_services(s.frontend, [f"piper.{EN_VOICE}"])
+        wait_workers(s, f"piper.{EN_VOICE}", 2)
+        wait_listening(wy, s.proc, s.log)
+        wait_listening(http, s.proc, s.log)
+        yield Gatewayed(s, wy, f"http://127.0.0.1:{http}")
+    finally:
+        rc = stop_serve(s)
+        assert rc == 0, f"serve exited with {rc}; log:\n{s.log_text()[-3000:]}"

@@ -36,3 +36,19 @@ def test_gpu_benchmark_says_why_it_cannot_run_piper_on_cuda() -> None:
         pytest.skip("onnxruntime-gpu is installed: bench.gpu measures Piper on CUDA here")
     r = gpu.piper_cuda(1)
     assert set(r) == {"skipped"} and "CPUExecutionProvider" in r["skipped"]
+
+
+def test_gateways_report_section_names_every_side_and_ratio() -> None:
+    from bench import report
+
+    s = {"p50": 50.0, "p90": 60.0, "n": 1}
+    g = {
+        "reps": 1,
+        "first_ms": {"passage": {"zmq": s, "wyoming_gw": s, "http_gw": s}, "short": {"zmq": s, "wyoming_gw": s, "http_gw": s, "wyoming_piper": s},
+                     "long": {"zmq": s, "wyoming_gw": s, "wyoming_piper": s}},
+        "wyoming_ttfa_ratio": 1.01, "http_ttfa_ratio": 1.02, "wyoming_short_ttfa_ratio": 1.03, "http_short_ttfa_ratio": 1.04,
+        "gateway_peer_short_ratio": 0.99, "gateway_peer_long_ratio": 0.2,
+    }
+    text = "\n".join(report._gateway_lines(g))
+    assert "| 47-word sentence | 50.0 / 60.0 | 50.0 / 60.0 |  | 50.0 / 60.0 |" in text
+    assert all(str(v) in text for v in (1.01, 1.02, 1.03, 1.04, 0.99, 0.2))
