@@ -106,7 +106,7 @@ def run_security(rounds: int = 10, per_round: int = 300, warmup: int = 200) -> d
     """The broker round trip plain, with CURVE and with metrics on, interleaved in one run."""
     import zmq.auth
 
-    from broker.keys import connecting_keys
+    from broker.keys import connecting_keys, secure_connect
 
     with tempfile.TemporaryDirectory(prefix="bench-curve-") as tmp:
         d = Path(tmp)
@@ -140,9 +140,7 @@ def run_security(rounds: int = 10, per_round: int = 300, warmup: int = 200) -> d
                 s = ctx.socket(zmq.DEALER)
                 s.setsockopt(zmq.LINGER, 0)
                 if p == "curve":
-                    keys = connecting_keys(d / "clients" / "bench.key_secret", d / "broker.key")
-                    assert keys is not None
-                    s.curve_publickey, s.curve_secretkey, s.curve_serverkey = keys.public, keys.secret, keys.server
+                    secure_connect(s, connecting_keys(d / "clients" / "bench.key_secret", d / "broker.key"))
                 s.connect(ep[p][0])
                 socks[p] = s
             time.sleep(1.5)  # let every broker bind and its engine register (CURVE handshakes included)

@@ -15,6 +15,9 @@ import numpy as np
 import soxr
 from pocketsphinx import Decoder
 
+SENTENCE = "The dragon sleeps beneath the mountain. Gather your courage and follow me."
+"""The suite's sentence: every word in PocketSphinx's dictionary."""
+
 _decoder: Decoder | None = None
 
 

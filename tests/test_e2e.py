@@ -8,11 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from tests.asr import assert_heard_like_piper
+from tests.asr import SENTENCE, assert_heard_like_piper
 from tests.conftest import EN_VOICE, PT_VOICE, Served
 from tests.mdp_peers import EchoWorker, RawClient
 
-SENTENCE = "The dragon sleeps beneath the mountain. Gather your courage and follow me."
 LONG = " ".join(
     f"Sentence number {i} describes the long and winding road through the ancient forest." for i in range(40)
 )

@@ -24,14 +24,13 @@ import pytest
 import soundfile as sf
 
 from bench.rust_client import TARGET, cargo
-from tests.asr import assert_heard_like_piper
+from tests.asr import SENTENCE, assert_heard_like_piper
 from tests.conftest import EN_VOICE, ROOT, Served, free_port, start_serve, stop_serve, wait_services
 
 RUST_DIR = ROOT / "clients" / "rust"
 DEBIAN_REGISTRY = Path("/usr/share/cargo/registry")
 NEEDED_CRATES = ("zmq-0.9", "zmq-sys-", "serde_json-1.", "tokio-1.", "futures-0.3")
 HINT = "run scripts/install-rust-deps.sh (as root) to install libzmq and the Debian Rust crates"
-SENTENCE = "The dragon sleeps beneath the mountain. Gather your courage and follow me."
 TTFA = re.compile(r"time to first audio: ([0-9.]+) ms")
 # examples/async_table.rs: one line per stream when it ends.
 STREAM_ROW = re.compile(

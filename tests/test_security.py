@@ -35,12 +35,11 @@ from broker.client import AsyncTtsClient, TtsClient
 from broker.config import ConfigError, load_config
 from broker.security import is_local_endpoint
 from broker.tts import Audio
-from tests.asr import assert_heard_like_piper
+from tests.asr import SENTENCE, assert_heard_like_piper
 from tests.conftest import EN_VOICE, PT_VOICE, ROOT, Served, free_port, start_serve, stop_serve, wait_services
 from tests.mdp_peers import RawClient
 
 SERVICE = f"piper.{EN_VOICE}"
-SENTENCE = "The dragon sleeps beneath the mountain. Gather your courage and follow me."  # as the other tests: words in PocketSphinx's dictionary
 NOTHING_S = 2.0
 """How long a refused peer is watched for a reply that must not come."""
 CAPS = {"protocol": "tts/1", "engine": "piper", "languages": ["en"], "voices": [EN_VOICE], "sample_rate": 22050}
