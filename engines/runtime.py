@@ -54,11 +54,12 @@ log = logging.getLogger("engines.runtime")
 _PARTIAL = b"P"
 _FINAL = b"F"
 
-IDLE_RELEASE_S = 10.0
+IDLE_RELEASE_S = 30.0
 """Seconds with nothing to do after which a worker gives back the memory serving grew
-(``Engine.release_memory``). Long enough that lines a few seconds apart find it warm: giving
-back costs one short run (~50-100 ms on 2 cores), and the next long window grows the arena
-again (~+17 % on a 512-frame window); first audio is unchanged (measured in one process)."""
+(``Engine.release_memory``). Long enough that a scene's lines, seconds apart, find it warm:
+giving back costs one short run (~50-100 ms on 2 cores) that a line arriving then waits for,
+and the next long window grows the arena again (~+17 % on a 512-frame window); first audio is
+otherwise unchanged (measured in one process)."""
 
 
 def trim_heap() -> None:

@@ -211,6 +211,8 @@ class BrokerHandler(AsyncEventHandler):
         error is sent as an ``error`` event."""
         try:
             options = await self.gw.catalog.options(voice.name if voice else None, voice.language if voice else None)
+            if fmt is not None:  # one audio-start per text stream: later sentences at its rate, whichever engine speaks them
+                options["sample_rate"] = fmt[0]
             stream = await self.gw.client.speak(text, **options)
         except TtsError as exc:  # the broker did not answer tts.status
             await self.write_event(WyomingError(text=exc.message, code=exc.code).event())
