@@ -73,11 +73,14 @@ class VoiceCatalog:
     """The broker's voices, cached for ``ttl`` seconds so that a request does not wait for a status call.
 
     A request uses the cached list and, when it is stale, refreshes it in the
-    background; only the very first lookup waits for the broker."""
+    background, ``delay`` seconds later: after that request's first audio, which its
+    status call would otherwise meet at the broker and here. Only the very first lookup
+    waits for the broker."""
 
-    def __init__(self, client: AsyncTtsClient, ttl: float = 2.0) -> None:
+    def __init__(self, client: AsyncTtsClient, ttl: float = 2.0, delay: float = 0.5) -> None:
         self.client = client
         self.ttl = ttl
+        self.delay = delay
         self._voices: Optional[list[Voice]] = None
         self._status: dict[str, Any] = {}
         self._at = 0.0
@@ -97,6 +100,7 @@ class VoiceCatalog:
         return list(self._voices or ())
 
     async def _quiet_refresh(self) -> None:
+        await asyncio.sleep(self.delay)
         try:
             await self.status()
         except Exception:  # noqa: BLE001 - a broker that does not answer now: the old list stays
