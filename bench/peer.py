@@ -332,7 +332,7 @@ def run(reps: int = 5, loads: int = 3, workers: int | None = None) -> dict[str, 
         "peer_table_narration_vs_solo": out["table_ours_narration_vs_solo"],
         "peer_table_underruns": out["table_ours_underruns"],
         "peer_rss_ratio": ratio(rss["ours"]["largest_mb"], rss["wyoming"]["largest_mb"]),
-        "peer_rss_busy_ratio": ratio(out["rss_busy"]["ours"]["largest_mb"], out["rss_busy"]["wyoming"]["largest_mb"]),
+        "peer_rss_busy_ratio": ratio(rss_busy["ours"]["largest_mb"], rss_busy["wyoming"]["largest_mb"]),
     }
     return out
 

@@ -312,6 +312,15 @@ def _curve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--broker-key", help="the broker's public certificate (broker.key)")
 
 
+def _gateway_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", name: str, help: str, frontend: str) -> argparse.ArgumentParser:
+    """A gateway's subcommand with what every gateway takes: its broker, log level and CURVE keys."""
+    s = sub.add_parser(name, help=help)
+    s.add_argument("--broker", default=frontend, help=f"the broker's frontend (default {frontend})")
+    s.add_argument("--log-level", default="INFO")
+    _curve_arguments(s)
+    return s
+
+
 def _gateway_logging(level: str) -> None:
     _logging(level)
     # aiohttp and the wyoming package log every connection at INFO/DEBUG; ours say what matters.
@@ -406,18 +415,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     s.add_argument("name")
     s.set_defaults(func=cmd_keys)
 
-    s = sub.add_parser("wyoming", help="run the Wyoming gateway (Home Assistant) in front of a running broker")
-    s.add_argument("--broker", default=d.frontend, help=f"the broker's frontend (default {d.frontend})")
+    s = _gateway_parser(sub, "wyoming", "run the Wyoming gateway (Home Assistant) in front of a running broker", d.frontend)
     s.add_argument("--uri", default="tcp://127.0.0.1:10200", help="where to listen: tcp://HOST:PORT or unix://PATH (default tcp://127.0.0.1:10200)")
-    s.add_argument("--log-level", default="INFO")
-    _curve_arguments(s)
     s.set_defaults(func=cmd_wyoming)
 
-    s = sub.add_parser("http", help="run the OpenAI-compatible HTTP gateway and web page in front of a running broker")
-    s.add_argument("--broker", default=d.frontend, help=f"the broker's frontend (default {d.frontend})")
+    s = _gateway_parser(sub, "http", "run the OpenAI-compatible HTTP gateway and web page in front of a running broker", d.frontend)
     s.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT to listen on (default 127.0.0.1:8000)")
-    s.add_argument("--log-level", default="INFO")
-    _curve_arguments(s)
     s.set_defaults(func=cmd_http)
 
     s = sub.add_parser("demo", help="start everything on the bundled voice and speak one passage")

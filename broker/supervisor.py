@@ -80,6 +80,11 @@ class _Slot:
     restart_at: float = 0.0
     restarts: int = 0
 
+    @property
+    def kind(self) -> str:
+        """What the logs call it."""
+        return "gateway" if self.gateway else "worker"
+
 
 def _local(endpoint: str) -> str:
     """Where a child on this host reaches a bound endpoint (``*`` and ``0.0.0.0`` are not addresses)."""
@@ -155,7 +160,7 @@ class Supervisor:
             slot.restart_at = slot.started + slot.backoff
             slot.backoff = min(slot.backoff * 2, BACKOFF_MAX_S)
             return
-        log.info("started %s %s (pid %d)", "gateway" if slot.gateway else "worker", slot.name, slot.proc.pid)
+        log.info("started %s %s (pid %d)", slot.kind, slot.name, slot.proc.pid)
 
     def _watch(self) -> None:
         for slot in self.slots:
@@ -171,7 +176,7 @@ class Supervisor:
                     if ran >= STABLE_AFTER_S:
                         slot.backoff = BACKOFF_START_S
                     log.warning("%s %s (pid %d) exited with %s after %.1fs; restarting in %.1fs",
-                                "gateway" if slot.gateway else "worker", slot.name, proc.pid, proc.returncode, ran, slot.backoff)
+                                slot.kind, slot.name, proc.pid, proc.returncode, ran, slot.backoff)
                     slot.proc = None
                     slot.restart_at = now + slot.backoff
                     slot.backoff = min(slot.backoff * 2, BACKOFF_MAX_S)

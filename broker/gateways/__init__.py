@@ -14,3 +14,18 @@ goes away. Routing, failover and fallback stay the broker's.
 * :mod:`.http` — OpenAI's ``POST /v1/audio/speech`` and the web page (aiohttp);
 * :mod:`.wav` — the streaming WAV header.
 """
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, installed at once, so that a gateway signalled while
+    it is still starting stops cleanly too (its client closed, its socket released)."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    return stopping

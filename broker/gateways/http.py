@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -38,6 +37,7 @@ from engines import registry as engines
 from .. import __version__, tts
 from ..client import AsyncTtsClient, TtsError
 from ..keys import KeySource
+from . import stop_on_signals
 from .errors import error_type, http_status
 from .voices import VoiceCatalog
 from .wav import streaming_header
@@ -248,10 +248,7 @@ async def serve(broker: str, host: str, port: int, *, curve_key: Optional[KeySou
     """Run the HTTP gateway on ``host:port`` until SIGTERM / SIGINT."""
     client = AsyncTtsClient(broker, timeout=60.0, curve_key=curve_key, broker_key=broker_key)
     runner = web.AppRunner(HttpGateway(client).app(), handler_cancellation=True, access_log=None)
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    loop.add_signal_handler(signal.SIGINT, stopping.set)
-    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    stopping = stop_on_signals()
     try:
         await runner.setup()
         await web.TCPSite(runner, host, port).start()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from functools import partial
 from typing import Awaitable, Callable, Optional
 
@@ -47,6 +46,7 @@ from engines.text import whole_sentences
 from .. import __version__, tts
 from ..client import AsyncTtsClient, TtsError
 from ..keys import KeySource
+from . import stop_on_signals
 from .voices import VoiceCatalog
 
 log = logging.getLogger("broker.gateway.wyoming")
@@ -249,10 +249,7 @@ async def serve(broker: str, uri: str, *, curve_key: Optional[KeySource] = None,
     client = AsyncTtsClient(broker, timeout=60.0, curve_key=curve_key, broker_key=broker_key)
     gateway = Gateway(client)
     server = AsyncServer.from_uri(uri)
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    loop.add_signal_handler(signal.SIGINT, stopping.set)
-    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    stopping = stop_on_signals()
     try:
         await server.start(partial(BrokerHandler, gateway))
         log.info("wyoming gateway on %s, broker %s", uri, broker)
