@@ -338,7 +338,10 @@ def cmd_wyoming(a: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--uri: {exc}") from None
     _gateway_logging(a.log_level)
-    asyncio.run(wyoming.serve(a.broker, a.uri, **_curve(a)))
+    try:
+        asyncio.run(wyoming.serve(a.broker, a.uri, **_curve(a)))
+    except OSError as exc:
+        raise ConfigError(f"--uri: cannot listen on {a.uri}: {exc.strerror}") from None
     return 0
 
 

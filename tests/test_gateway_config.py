@@ -88,6 +88,21 @@ def test_gateway_commands_refuse_a_bad_address(cmd: str, args: list[str]) -> Non
     assert r.returncode == 2 and "error:" in r.stderr
 
 
+@pytest.mark.parametrize("cmd, flag, address", [("wyoming", "--uri", "tcp://127.0.0.1:{}"), ("http", "--listen", "127.0.0.1:{}")])
+def test_gateway_commands_name_an_address_already_taken(cmd: str, flag: str, address: str) -> None:
+    """Another process on the port: exit 2 with one line naming the flag and the address, no traceback."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        where = address.format(taken.getsockname()[1])
+        r = subprocess.run([sys.executable, "-m", "broker.cli", cmd, flag, where], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert f"error: {flag}: cannot listen on {where}" in r.stderr and "address already in use" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+
+
 def test_whole_sentences_is_the_spoken_prefix() -> None:
     assert whole_sentences("The door creaks ") == 0
     assert whole_sentences("The door creaks open. The guard") == len("The door creaks open. ")
