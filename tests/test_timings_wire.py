@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -56,6 +57,50 @@ def test_timing_event_round_trips_and_rejects_garbage() -> None:
     ):
         with pytest.raises(tts.EventError):
             tts.decode_event([RID, b"timing", json.dumps(bad).encode()])
+
+
+_WRONG: list[object] = [-1, 4, True, False, None, 5.0, "5", [], [5], [0, 1, 2], [True, 1], [3, 2], {}]
+"""What a field, an entry or a kind's list may hold instead (4 is before the entries' start)."""
+
+
+def _spoilt(body: dict) -> Iterator[dict]:
+    """``body`` with each one thing wrong in turn: a kind's list, an entry, or one field of an
+    entry (each wrong value, and missing)."""
+    for kind in body:
+        for wrong in _WRONG:
+            yield {**body, kind: wrong}
+        for at, entry in enumerate(body[kind]):
+            for wrong in _WRONG:
+                yield {**body, kind: [*body[kind][:at], wrong, *body[kind][at + 1 :]]}
+            for key in entry:
+                others = {k: v for k, v in entry.items() if k != key}
+                for spoilt in [others, *({**entry, key: wrong} for wrong in _WRONG)]:
+                    yield {**body, kind: [*body[kind][:at], spoilt, *body[kind][at + 1 :]]}
+
+
+def test_the_timing_decoder_accepts_exactly_what_the_field_by_field_checks_accept() -> None:
+    """``Timing.from_body`` builds first and checks after (it is on the way to the first audio,
+    in the broker and in the client): with any one thing wrong it must refuse, or decode, exactly
+    as checking each field as it is read does."""
+    body = json.loads(tts.Timing(
+        phonemes=[tts.PhonemeTime(5, 7, "ɡ"), tts.PhonemeTime(7, 9, "eɪ")],
+        words=[tts.WordTime(5, 9, "gate", (0, 4))],
+        visemes=[tts.VisemeTime(5, 7, "kk"), tts.VisemeTime(7, 9, "E")],
+    ).body(RID)[2])
+    cases = [body, *_spoilt(body)]
+    refused = 0
+    for d in cases:
+        try:
+            checked = tts.Timing._checked(d)
+        except tts.EventError:
+            checked = None
+        try:
+            decoded = tts.Timing.from_body([RID, b"timing", json.dumps(d).encode()])
+        except tts.EventError:
+            decoded = None
+        assert decoded == checked, d
+        refused += checked is None
+    assert 0 < refused < len(cases)
 
 
 def test_start_and_failover_carry_timings_only_when_asked() -> None:
