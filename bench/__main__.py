@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     q = a.quick
     if a.only_gateways:
-        r = {"mode": "quick" if q else "full", "machine": machine_info(), "gateways": gateways.run(reps=8 if q else 20)}
+        r = {"mode": "quick" if q else "full", "machine": machine_info(), "gateways": gateways.run(reps=12 if q else 20)}
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"gateways-{r['mode']}.json").write_text(json.dumps(r, indent=1))
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     step("security", lambda: relay.run_security(rounds=5 if q else 20, per_round=300))
     step("ttfa_piper", lambda: ttfa.run_piper(reps=15 if q else 40))
     step("piper_modes", lambda: ttfa.run_piper_modes(reps=10 if q else 25))
-    step("timings", lambda: ttfa.run_timings(reps=8 if q else 25))
+    step("timings", lambda: ttfa.run_timings(reps=12 if q else 25))
     if not a.skip_xtts:
         step("ttfa_xtts", lambda: ttfa.run_xtts(reps=4 if q else 15))
     step("throughput", lambda: throughput.run([1, 8, 32, 64] if q else [1, 4, 8, 16, 32, 64, 128], seconds=3 if q else 10))
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         step("rust_client", lambda: rust_client.run(reps=40 if q else 80, loads=3 if q else 10))
     if not a.skip_peer:
         step("peer", lambda: peer.run(reps=5 if q else 15, loads=2 if q else 5))
-        step("gateways", lambda: gateways.run(reps=8 if q else 20))
+        step("gateways", lambda: gateways.run(reps=12 if q else 20))
 
     headline = {
         "relay_overhead_ratio": results["relay"]["relay_overhead_ratio"],
