@@ -1,9 +1,10 @@
 """Timings from the bundled Piper voice, checked against the audio they describe.
 
 Two rigs. A worker runtime in this process, speaking the real voice with its
-sampling noise off (so a sentence's durations are the same on every run): for
-comparisons across requests (output rates, speed). And a real ``serve`` (two
-Piper workers and a tiny XTTS): for the audio itself, failover and XTTS.
+sampling noise off (so a sentence's durations and audio are the same on every
+run): for comparisons across requests (output rates, speed), and of where the
+words fall in the audio against piper-tts's own alignment. And a real ``serve``
+(two Piper workers and a tiny XTTS): for the audio as served, failover and XTTS.
 """
 
 from __future__ import annotations
