@@ -413,6 +413,11 @@ def _span(d: Any, what: str) -> tuple[int, int]:
     return start, end
 
 
+def _span_ok(start: Any, end: Any) -> bool:
+    """What :func:`_span` checks, as a test: two ints (not bools), ``0 <= start <= end``."""
+    return type(start) is int and type(end) is int and 0 <= start <= end
+
+
 def _listed(value: Any) -> list[Any]:
     if type(value) is not list:
         raise TypeError("not a list")
@@ -474,13 +479,9 @@ class Timing:
 
     def _well_formed(self) -> bool:
         return (
-            all(type(p.start) is int and type(p.end) is int and 0 <= p.start <= p.end and type(p.phoneme) is str for p in self.phonemes or ())
-            and all(type(v.start) is int and type(v.end) is int and 0 <= v.start <= v.end and type(v.viseme) is str for v in self.visemes or ())
-            and all(
-                type(w.start) is int and type(w.end) is int and 0 <= w.start <= w.end and type(w.text) is str
-                and len(w.char) == 2 and type(w.char[0]) is int and type(w.char[1]) is int and 0 <= w.char[0] <= w.char[1]
-                for w in self.words or ()
-            )
+            all(_span_ok(p.start, p.end) and type(p.phoneme) is str for p in self.phonemes or ())
+            and all(_span_ok(v.start, v.end) and type(v.viseme) is str for v in self.visemes or ())
+            and all(_span_ok(w.start, w.end) and type(w.text) is str and len(w.char) == 2 and _span_ok(*w.char) for w in self.words or ())
         )
 
     @classmethod
