@@ -297,7 +297,7 @@ class PiperEngine(Engine):
         for i, phonemes in enumerate(pieces):
             feeds = self._feeds(phonemes, request.speed)
             if feeds["input"].shape[1] <= _SHORT_IDS:
-                # Too short to gain from windows: one run of the whole voice is cheaper than two graphs.
+                # Too short to gain from windows: one run of the whole voice is cheaper than three graphs.
                 if timed:
                     audio, durations = self.voice.session.run([self.voice.session.get_outputs()[0].name, self.durations_output], feeds)
                     if (alignment := self._alignment(plan[i], durations)) is not None:

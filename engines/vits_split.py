@@ -1,18 +1,25 @@
-"""Frame-level streaming for Piper (VITS) voices: the ONNX graph cut in two.
+"""Frame-level streaming for Piper (VITS) voices: the ONNX graph cut in three.
 
 A VITS voice is a *frontend* (text encoder, duration predictor, alignment,
 prior sampling: all of the sentence at once, so prosody stays whole) feeding a
-*decoder* (normalising flow + HiFi-GAN) that is local in time: each output
-frame depends on a bounded window of latent frames. So the frontend runs once
-per sentence and the decoder runs on overlapping windows of its output; each
-window's margins are decoded and thrown away, and the kept parts concatenate
-to the whole-sentence decode (within ~1e-5 with 32-frame margins on the
-bundled voice; ``tests/test_vits_split.py`` checks it).
+*flow* (a normalising flow over latent frames) feeding a *vocoder* (HiFi-GAN,
+~5/6 of the decoding time). Flow and vocoder are both local in time: each
+output frame depends on a bounded window of input frames, their *receptive
+fields*. So the frontend runs once per sentence, and flow and vocoder run on
+overlapping windows of its output; each window's margins are decoded and
+thrown away, and the kept parts concatenate to the whole-sentence decode
+(``tests/test_vits_split.py`` checks it). Each part's margin is its own
+receptive field, measured on the graph when it is cut: the costly vocoder's is
+small (11 latent frames each side on the bundled voice), the cheap flow's
+(~1/5 of the decoding time per frame) larger (30). One 32-frame margin around
+flow and vocoder together, as before, decoded about three times as many margin
+frames through the vocoder.
 
-The seam is found from the graph, not from names: the prior's noise is the
-last ``RandomNormalLike``; the first ``Add`` after it makes ``z_p``, the flow's
-input. Every tensor the decoder side reads from the frontend side (``z_p`` and
-the frame mask) becomes a frontend output. The two graphs are cut with
+The seams are found from the graph, not from names: the prior's noise is the
+last ``RandomNormalLike``, and the first ``Add`` after it makes ``z_p``, the
+flow's input; the vocoder begins at the ``Conv`` that feeds its first
+upsampling ``ConvTranspose``. Every tensor a later part reads from an earlier
+one becomes an output of the earlier one. The graphs are cut with
 ``onnx.utils.Extractor``, the frontend made cheaper by ``engines/vits_graph.py``
 (same outputs, ~25 % less time), and cached on disk, keyed by the voice file's
 content.
@@ -39,22 +46,21 @@ from models.registry import cache_dir, file_digest
 
 log = logging.getLogger("engines.vits_split")
 
-MARGIN = 32
-"""Latent frames decoded on each side of a window and discarded: on the bundled voice 32 keeps the
-windows within ~1e-5 of the whole decode (24: ~1e-3; 16: ~4e-2)."""
 SCHEDULE = (8, 32, 128, 512)
 """Window sizes in latent frames: the first as small as the margins allow, then growing fourfold
 (the last repeats). Only the first window is on the way to first audio; each later one must only
 be decoded before the audio already out runs out (a window costs ~0.05 of its own duration here),
 so they grow as fast as that allows, which spends the margins on few windows: a 47-word sentence
-decodes 1.2× its frames instead of 1.5× with (8, 24, 64, 128, 256)."""
+decodes 1.07× its frames through the vocoder (1.5× with (8, 24, 64, 128, 256) and one 32-frame
+margin around flow and vocoder together; 1.2× with this schedule and that margin)."""
 MERGE = 0.5
 """A remainder shorter than this fraction of the next window is decoded with the current one."""
 SUSTAIN = 0.75
 """Part of the decoder's time that windows may spend keeping listeners fed; the rest is left for
 each sentence's frontend, the relay and the noise of a shared machine."""
-_SPLIT_VERSION = 2
-"""Part of the cache key: bumped whenever the split graphs change (2: frontend rewritten)."""
+_SPLIT_VERSION = 3
+"""Part of the cache key: bumped whenever the split graphs change (2: frontend rewritten; 3: the
+decoder cut into flow and vocoder, each with its measured receptive field)."""
 HOP = 256
 """Output samples per latent frame (Piper voices upsample 8·8·4)."""
 
@@ -85,12 +91,35 @@ def _cache_entry(model: Path, cache: Path | None) -> Path:
     return (cache or cache_dir("piper-split")) / f"{file_digest(model)[:24]}-v{_SPLIT_VERSION}"
 
 
-def split_model(model: Path, cache: Path | None = None) -> tuple[Path, Path, list[str]]:
-    """Frontend and decoder graphs for a voice (cut once, then read from the cache) and the seam tensors."""
+@dataclass(frozen=True)
+class Split:
+    """A voice's graphs cut for frame streaming, and what it takes to run them window by window."""
+
+    frontend: Path
+    flow: Path
+    vocoder: Path
+    seam: list[str]
+    """The frontend's outputs: every tensor flow or vocoder read from it (``z_p``, the frame mask…)."""
+    z: str
+    """The flow's output, the vocoder's input."""
+    flow_margin: int
+    """The flow's receptive field in latent frames each side: a flow window decoded with this many
+    frames more on each side is exactly the whole decode's."""
+    margin: int
+    """The vocoder's receptive field in latent frames each side, likewise."""
+
+
+def split_model(model: Path, cache: Path | None = None) -> Split:
+    """Frontend, flow and vocoder graphs for a voice (cut and measured once, then read from the cache)."""
     out = _cache_entry(model, cache)
     meta = out / "split.json"
-    if meta.is_file():
-        return out / "frontend.onnx", out / "decoder.onnx", json.loads(meta.read_text())["seam"]
+    if not meta.is_file():
+        _cut(model, out)
+    info = json.loads(meta.read_text())
+    return Split(out / "frontend.onnx", out / "flow.onnx", out / "vocoder.onnx", info["seam"], info["z"], info["flow_margin"], info["margin"])
+
+
+def _cut(model: Path, out: Path) -> None:
     import onnx
     from onnx import shape_inference
 
@@ -99,16 +128,43 @@ def split_model(model: Path, cache: Path | None = None) -> tuple[Path, Path, lis
     log.info("splitting %s for frame streaming (once; cached in %s)", model.name, out)
     graph_model = shape_inference.infer_shapes(onnx.load(str(model)), data_prop=True)
     graph = graph_model.graph
-    producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list] = {}
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-
     noise = [n for n in graph.node if n.op_type == "RandomNormalLike"]
     if not noise:
         raise ValueError(f"{model}: no RandomNormalLike node; not a VITS voice")
     z_p = _first_add_after(noise[-1], consumers)
+    z = _vocoder_input(graph)
+    inputs = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    outputs = [o.name for o in graph.output]
+    seam = _seam(graph, z_p, outputs, inputs=())
+    extractor = onnx.utils.Extractor(graph_model)
+    front_graph = optimise(extractor.extract_model(inputs, seam), seam)
+    # The vocoder reads z, and whatever else it needs of the frontend's outputs (a speaker's
+    # embedding); the flow computes z alone from the frontend's outputs.
+    vocoder_inputs = _seam(graph, z, outputs, inputs=seam)
+    if set(vocoder_inputs) - set(seam) != {z}:
+        raise ValueError(f"{model}: the vocoder reads more of the flow than z; cannot stream by frames")
+    flow_graph = extractor.extract_model(seam, [z])
+    vocoder_graph = extractor.extract_model(vocoder_inputs, outputs)
+    flow_margin = _receptive_field(flow_graph, z_p)
+    margin = _receptive_field(vocoder_graph, z)
+    log.info("%s: receptive fields %d latent frames (flow), %d (vocoder)", model.name, flow_margin, margin)
+    out.mkdir(parents=True, exist_ok=True)
+    # The graphs first, the index last: a reader that finds the index finds whole graphs.
+    _publish(out / "frontend.onnx", lambda p: onnx.save(front_graph, str(p)))
+    _publish(out / "flow.onnx", lambda p: onnx.save(flow_graph, str(p)))
+    _publish(out / "vocoder.onnx", lambda p: onnx.save(vocoder_graph, str(p)))
+    info = {"model": str(model), "seam": seam, "z": z, "flow_margin": flow_margin, "margin": margin}
+    _publish(out / "split.json", lambda p: p.write_text(json.dumps(info)))
+
+
+def _seam(graph, at: str, outputs: Sequence[str], inputs: Sequence[str]) -> list[str]:  # type: ignore[no-untyped-def]
+    """The tensors that the part of ``graph`` computing ``outputs`` from ``at`` on reads from
+    before it: ``at`` itself, tensors computed before it, and those of ``inputs`` it reads."""
+    producer = {o: n for n in graph.node for o in n.output}
 
     def ancestors(tensors: Sequence[str]) -> set[int]:
         seen: set[int] = set()
@@ -120,23 +176,45 @@ def split_model(model: Path, cache: Path | None = None) -> tuple[Path, Path, lis
                 todo.extend(node.input)
         return seen
 
-    front = ancestors([z_p])
-    back = ancestors([o.name for o in graph.output]) - front
+    before = ancestors([at])
+    after = ancestors(outputs) - before
     initializers = {i.name for i in graph.initializer}
-    seam = sorted(
-        {i for n in graph.node if id(n) in back for i in n.input if i and i not in initializers and id(producer.get(i)) in front}
-        | {z_p}
-    )
-    inputs = [i.name for i in graph.input if i.name not in initializers]
-    extractor = onnx.utils.Extractor(graph_model)
-    out.mkdir(parents=True, exist_ok=True)
-    front_graph = optimise(extractor.extract_model(inputs, seam), seam)
-    back_graph = extractor.extract_model(seam, [o.name for o in graph.output])
-    # The graphs first, the index last: a reader that finds the index finds whole graphs.
-    _publish(out / "frontend.onnx", lambda p: onnx.save(front_graph, str(p)))
-    _publish(out / "decoder.onnx", lambda p: onnx.save(back_graph, str(p)))
-    _publish(meta, lambda p: p.write_text(json.dumps({"model": str(model), "seam": seam})))
-    return out / "frontend.onnx", out / "decoder.onnx", seam
+    read = {i for n in graph.node if id(n) in after for i in n.input if i and i not in initializers}
+    return sorted({i for i in read if id(producer.get(i)) in before or i in inputs} | {at})
+
+
+def _vocoder_input(graph) -> str:  # type: ignore[no-untyped-def]
+    """The tensor HiFi-GAN starts from: the input of the ``Conv`` before its first upsampling."""
+    producer = {o: n for n in graph.node for o in n.output}
+    upsample = next((n for n in graph.node if n.op_type == "ConvTranspose"), None)
+    node = producer.get(upsample.input[0]) if upsample is not None else None
+    while node is not None and node.op_type != "Conv":
+        node = producer.get(node.input[0])
+    if node is None:
+        raise ValueError("no Conv before an upsampling ConvTranspose: cannot find the vocoder")
+    return node.input[0]
+
+
+def _receptive_field(part, along: str, frames: int = 160) -> int:  # type: ignore[no-untyped-def]
+    """Latent frames on each side of an output frame that it depends on, found by changing one
+    input frame of ``along`` and seeing which output frames change. Outputs beyond the field do
+    not change at all (the same arithmetic on the same numbers), so the tolerance only has to
+    rise above nothing."""
+    session = onnxruntime.InferenceSession(part.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for tensor in session.get_inputs():  # time is the last axis; a mask or an embedding of ones
+        shape = [d if isinstance(d, int) else 1 for d in tensor.shape]
+        if not isinstance(tensor.shape[-1], int):
+            shape[-1] = frames
+        feeds[tensor.name] = rng.standard_normal(shape).astype(np.float32) if tensor.name == along else np.ones(shape, np.float32)
+    base = session.run(None, feeds)[0]
+    feeds[along][..., frames // 2] += 1.0
+    moved = np.abs(session.run(None, feeds)[0] - base)
+    per_sample = moved.reshape(-1, moved.shape[-1]).max(axis=0)  # output time axis, in samples or frames
+    per_frame = per_sample.reshape(frames, -1).max(axis=1)
+    changed = np.flatnonzero(per_frame > 1e-7 * max(float(np.abs(base).max()), 1.0))
+    return int(max(frames // 2 - changed.min(), changed.max() - frames // 2))
 
 
 def optimised_model(model: Path, cache: Path | None = None) -> Path:
@@ -160,7 +238,7 @@ def optimised_model(model: Path, cache: Path | None = None) -> Path:
 
 
 def session_options() -> onnxruntime.SessionOptions:
-    """Options for every session of a Piper worker (the whole voice and both halves of the split).
+    """Options for every session of a Piper worker (the whole voice and the three parts of the split).
 
     Memory patterns are off. With them onnxruntime plans each run's tensors as one block per
     input shape and caches that plan for every distinct shape it has seen, forever; a voice's
@@ -169,9 +247,21 @@ def session_options() -> onnxruntime.SessionOptions:
     +0.5-0.9 MB/min over a 10-minute soak). Without them the arena grows to the largest shape
     it has served and stays there (``python -m bench.soak``; README, "Memory over time"), and
     runs take the same time (measured interleaved in one process, 2 cores).
+
+    The intra-op pool's threads spin between the parallel parts of a run, and stop spinning as
+    soon as the run returns (``session.force_spinning_stop``). Woken from sleep instead, as each
+    of a graph's hundreds of nodes needs them, a passage's windows took 13 % longer (one process,
+    interleaved); spinning on after each run, as by default, they held the cores that the broker
+    and client need to relay the audio just made (first window 20 ms instead of 11, a first
+    chunk's transit 3-4 ms instead of 1.3). The price: two runs at once (a new line starting
+    while another's window is decoded) share the cores less well. In one side-by-side run each
+    (``bench/peer.py``), against no spinning in the split's sessions: four passages at once
+    1.11x wyoming-piper's wall time instead of 1.22x, CPU per passage 1.11x instead of 1.04x.
     """
     opts = onnxruntime.SessionOptions()
     opts.enable_mem_pattern = False
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     return opts
 
 
@@ -209,26 +299,44 @@ def _first_add_after(node, consumers: dict) -> str:  # type: ignore[no-untyped-d
     raise ValueError("no Add after the prior noise: cannot find z_p")
 
 
+class Flowed:
+    """The flow's output for one sentence, as far as its windows have needed it: each window
+    extends it, flowing only frames not flowed before (plus the flow's margins)."""
+
+    def __init__(self) -> None:
+        self.z: Optional[np.ndarray] = None
+        self.ready = 0
+        """Latent frames of ``z`` computed so far, from the first."""
+
+
 @dataclass
 class FrameStreamer:
-    """Runs a split voice: the frontend once per sentence, the decoder window by window."""
+    """Runs a split voice: the frontend once per sentence, flow and vocoder window by window."""
 
     frontend: onnxruntime.InferenceSession
-    decoder: onnxruntime.InferenceSession
+    flow: onnxruntime.InferenceSession
+    vocoder: onnxruntime.InferenceSession
     seam: list[str]
+    """The frontend's outputs (:attr:`Split.seam`)."""
+    z: str
+    """The flow's output, the vocoder's input."""
     cache: Path
     """The voice's cache entry (split graphs, gain)."""
-    margin: int = MARGIN
+    margin: int
+    """The vocoder's receptive field, in latent frames each side (:attr:`Split.margin`)."""
+    flow_margin: int
+    """The flow's receptive field, in latent frames each side."""
     schedule: Sequence[int] = SCHEDULE
     frame_cost_s: float = 0.002
-    """Wall time to decode one latent frame, measured as windows are decoded (starts cautious)."""
+    """Wall time to decode one latent frame through the vocoder, the flow's share included,
+    measured as windows are decoded (starts cautious)."""
     rate: int = 22050
     """The voice's sample rate in Hertz (a latent frame lasts ``HOP / rate`` seconds)."""
     durations: Optional[str] = None
     """The frontend's output of phoneme-id durations in latent frames (:func:`with_durations`)."""
 
     def cached_gain(self, calibrate: Callable[[], float]) -> float:
-        """The voice's frame-mode gain: measured once (it costs two syntheses of a few sentences), then read."""
+        """The voice's frame-mode gain: measured once (it costs a decode of a few sentences), then read."""
         path = self.cache / f"gain-v{_GAIN_VERSION}.json"
         if path.is_file():
             return float(json.loads(path.read_text())["gain"])
@@ -238,19 +346,22 @@ class FrameStreamer:
 
     @classmethod
     def load(cls, model: Path, providers: list[str], rate: int, cache: Path | None = None) -> "FrameStreamer":
-        front, dec, seam = split_model(model, cache)
+        split = split_model(model, cache)
         opts = session_options()
-        # onnxruntime's pool threads spin after each run by default: between the frontend and
-        # the first window, and after each window, they would hold the cores that the broker
-        # and client need to relay the audio just made. Measured here (2 cores): first window
-        # 20 -> 11 ms, worker-to-client transit of the first chunk 3-4 -> 1.3 ms.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        front_graph, durations = with_durations(front)
+        front_graph, durations = with_durations(split.frontend)
+
+        def session(graph: bytes | str | Path) -> onnxruntime.InferenceSession:
+            return onnxruntime.InferenceSession(graph if isinstance(graph, bytes) else str(graph), opts, providers=providers)
+
         return cls(
-            onnxruntime.InferenceSession(front_graph, opts, providers=providers),
-            onnxruntime.InferenceSession(str(dec), opts, providers=providers),
-            seam,
-            front.parent,
+            session(front_graph),
+            session(split.flow),
+            session(split.vocoder),
+            split.seam,
+            split.z,
+            split.frontend.parent,
+            margin=split.margin,
+            flow_margin=split.flow_margin,
             rate=rate,
             durations=durations,
         )
@@ -268,24 +379,37 @@ class FrameStreamer:
         return dict(zip(self.seam, outs)), durations.reshape(-1)
 
     def run_small(self, feeds: dict[str, np.ndarray], options: onnxruntime.RunOptions) -> None:
-        """Both halves on a short input with ``options``: what an idle worker runs to shrink
+        """Every part on a short input with ``options``: what an idle worker runs to shrink
         their arenas (``PiperEngine.release_memory``)."""
-        self.decoder.run(None, dict(zip(self.seam, self.frontend.run(self.seam, feeds, options))), options)
+        latents = dict(zip(self.seam, self.frontend.run(self.seam, feeds, options)))
+        self.decode(latents, 0, self.frames(latents), options=options)
 
     def frames(self, latents: dict[str, np.ndarray]) -> int:
         return int(max(v.shape[-1] for v in latents.values()))
 
-    def decode(self, latents: dict[str, np.ndarray], start: int, end: int, pacing: Pacing = UNPACED) -> Optional[np.ndarray]:
+    def decode(
+        self,
+        latents: dict[str, np.ndarray],
+        start: int,
+        end: int,
+        pacing: Pacing = UNPACED,
+        flowed: Optional[Flowed] = None,
+        options: Optional[onnxruntime.RunOptions] = None,
+    ) -> Optional[np.ndarray]:
         """Audio of latent frames ``[start, end)``, decoded with margins that are then dropped;
-        None if ``pacing.interrupt()`` cut the run short."""
+        None if ``pacing.interrupt()`` cut the run short. ``flowed`` carries the flow's output
+        from one window of a sentence to the next."""
         total = self.frames(latents)
         lo, hi = max(0, start - self.margin), min(total, end + self.margin)
-        feeds = {k: v[..., lo:hi] if v.shape[-1] == total else v for k, v in latents.items()}
+        flowed = flowed or Flowed()
         t0 = time.perf_counter()
-        options = onnxruntime.RunOptions()
+        options = options or onnxruntime.RunOptions()
         try:
             with pacing.interruptible(lambda: setattr(options, "terminate", True), self.frame_cost_s * (hi - lo)):
-                audio = self.decoder.run(None, feeds, options)[0].reshape(-1)
+                z = self._flow(latents, flowed, hi, options)
+                feeds = {k: v for k, v in latents.items() if k in self._vocoder_inputs}
+                feeds[self.z] = z[..., lo:hi]
+                audio = self.vocoder.run(None, feeds, options)[0].reshape(-1)
         except Exception:
             if options.terminate:  # onnxruntime stops between nodes and reports it as a failure
                 return None
@@ -294,6 +418,23 @@ class FrameStreamer:
         # (other runs in flight included): what sizes the windows to come.
         self.frame_cost_s += 0.25 * ((time.perf_counter() - t0) / (hi - lo) - self.frame_cost_s)
         return audio[(start - lo) * HOP : (end - lo) * HOP]
+
+    @property
+    def _vocoder_inputs(self) -> set[str]:
+        return {i.name for i in self.vocoder.get_inputs()}
+
+    def _flow(self, latents: dict[str, np.ndarray], flowed: Flowed, end: int, options: onnxruntime.RunOptions) -> np.ndarray:
+        """``z`` from the first latent frame up to ``end`` at least: the frames not flowed yet,
+        with the flow's margins."""
+        if flowed.ready < end:
+            total = self.frames(latents)
+            lo, hi = max(0, flowed.ready - self.flow_margin), min(total, end + self.flow_margin)
+            feeds = {k: v[..., lo:hi] if v.shape[-1] == total else v for k, v in latents.items()}
+            z = self.flow.run([self.z], feeds, options)[0][..., flowed.ready - lo : end - lo]
+            flowed.z = z if flowed.z is None else np.concatenate([flowed.z, z], axis=-1)
+            flowed.ready = end
+        assert flowed.z is not None
+        return flowed.z
 
     def stream(self, latents: dict[str, np.ndarray], pacing: Pacing = UNPACED) -> Iterator[np.ndarray]:
         """The sentence's audio, window after window.
@@ -307,8 +448,9 @@ class FrameStreamer:
         margins than their audio lasts (:meth:`_floor`)."""
         total = self.frames(latents)
         short = total <= self.schedule[0] + 2 * self.margin  # windows would decode more than the whole
+        flowed = Flowed()
         for start, end in [(0, total)] if short else self.windows(total, pacing):
-            while (audio := self.decode(latents, start, end, pacing)) is None:
+            while (audio := self.decode(latents, start, end, pacing, flowed)) is None:
                 yield _NOTHING  # interrupted for a new line's first audio: this window again, at its next turn
             yield audio
 

@@ -254,9 +254,10 @@ class _Paced:
 
 
 def test_windows_grow_with_the_audio_in_hand_and_shrink_for_the_others() -> None:
-    from engines.vits_split import HOP, MARGIN, SCHEDULE, FrameStreamer
+    from engines.vits_split import HOP, SCHEDULE, FrameStreamer
 
-    streamer = FrameStreamer(None, None, [], None)  # type: ignore[arg-type]  # windows() needs no graph
+    MARGIN = 11
+    streamer = FrameStreamer(None, None, None, [], "z", None, margin=MARGIN, flow_margin=30)  # type: ignore[arg-type]  # windows() needs no graph
     streamer.frame_cost_s = 0.001
     total = 1000
     alone = list(streamer.windows(total))  # no listener to pace for: the fixed schedule
