@@ -33,7 +33,7 @@ from engines.alignment import BOS, EOS, Alignment, WordMap, align_piece, segment
 from engines.audio import soft_limit
 from engines.base import Engine
 from engines.schedule import UNPACED, Pacing
-from engines.vits_split import FrameStreamer, optimised_model, session_options, with_durations
+from engines.vits_split import NOTHING, FrameStreamer, optimised_model, session_options, with_durations
 from models.registry import DEFAULT_PIPER_VOICE, resolve_piper_voice
 
 log = logging.getLogger("engines.piper")
@@ -306,12 +306,11 @@ class PiperEngine(Engine):
                     audio = self.voice.session.run(None, feeds)[0]
                 yield soft_limit(audio.reshape(-1) * self.frame_gain)
                 continue
-            if timed:
-                latents, durations = self.frames.latents_and_durations(feeds)
-                if durations is not None and (alignment := self._alignment(plan[i], durations)) is not None:
-                    yield alignment
-            else:
-                latents = self.frames.latents(feeds)
+            while (front := self.frames.front(feeds, pacing, durations=timed)) is None:
+                yield NOTHING  # interrupted for a new line's first audio: again at its next turn
+            latents, durations = front
+            if durations is not None and (alignment := self._alignment(plan[i], durations)) is not None:
+                yield alignment
             for audio in self.frames.stream(latents, pacing):
                 yield soft_limit(audio * self.frame_gain)
 

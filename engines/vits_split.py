@@ -36,7 +36,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 import onnxruntime
@@ -65,7 +65,7 @@ HOP = 256
 """Output samples per latent frame (Piper voices upsample 8·8·4)."""
 
 
-_NOTHING = np.zeros(0, dtype=np.float32)
+NOTHING = np.zeros(0, dtype=np.float32)
 """What an interrupted window yields: no audio, a turn given back."""
 
 _GAIN_VERSION = 4
@@ -285,6 +285,24 @@ def with_durations(model: Path) -> tuple[bytes | str, Optional[str]]:
     return graph.SerializeToString(), name
 
 
+T = TypeVar("T")
+
+
+def _interruptibly(
+    pacing: Pacing, cost: float, work: Callable[[onnxruntime.RunOptions], T], options: Optional[onnxruntime.RunOptions] = None
+) -> Optional[T]:
+    """``work(options)``, onnxruntime runs that :meth:`Pacing.interrupt` may cut short (expected to
+    take ``cost`` seconds); None if it did."""
+    options = options or onnxruntime.RunOptions()
+    try:
+        with pacing.interruptible(lambda: setattr(options, "terminate", True), cost):
+            return work(options)
+    except Exception:
+        if options.terminate:  # onnxruntime stops between nodes and reports it as a failure
+            return None
+        raise
+
+
 def _first_add_after(node, consumers: dict) -> str:  # type: ignore[no-untyped-def]
     todo = deque(node.output)
     seen = set()
@@ -327,6 +345,8 @@ class FrameStreamer:
     flow_margin: int
     """The flow's receptive field, in latent frames each side."""
     schedule: Sequence[int] = SCHEDULE
+    front_cost_s: float = 0.001
+    """Wall time of the frontend per phoneme id, measured as sentences are spoken (starts cautious)."""
     frame_cost_s: float = 0.002
     """Wall time to decode one latent frame through the vocoder, the flow's share included,
     measured as windows are decoded (starts cautious)."""
@@ -368,15 +388,24 @@ class FrameStreamer:
 
     def latents(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The frontend's outputs (``z_p``, mask…) for one sentence."""
-        return dict(zip(self.seam, self.frontend.run(self.seam, feeds)))
+        front = self.front(feeds)
+        assert front is not None  # nothing interrupts an unpaced run
+        return front[0]
 
-    def latents_and_durations(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Optional[np.ndarray]]:
-        """:meth:`latents`, and from the same run (the durations are sampled: a second run would
-        differ) each phoneme id's duration in latent frames; None if the graph has none."""
-        if self.durations is None:
-            return self.latents(feeds), None
-        *outs, durations = self.frontend.run([*self.seam, self.durations], feeds)
-        return dict(zip(self.seam, outs)), durations.reshape(-1)
+    def front(
+        self, feeds: dict[str, np.ndarray], pacing: Pacing = UNPACED, durations: bool = False
+    ) -> Optional[tuple[dict[str, np.ndarray], Optional[np.ndarray]]]:
+        """:meth:`latents`, and if ``durations`` (and the graph has them) each phoneme id's
+        duration in latent frames from the same run (they are sampled: a second run would differ);
+        None if ``pacing.interrupt()`` cut the run short, for a new line starting meanwhile."""
+        names = [*self.seam, *([self.durations] if durations and self.durations else [])]
+        ids = int(feeds["input"].shape[-1])
+        t0 = time.perf_counter()
+        outs = _interruptibly(pacing, self.front_cost_s * ids, lambda options: self.frontend.run(names, feeds, options))
+        if outs is None:
+            return None
+        self.front_cost_s += 0.25 * ((time.perf_counter() - t0) / ids - self.front_cost_s)
+        return dict(zip(self.seam, outs)), (outs[-1].reshape(-1) if len(names) > len(self.seam) else None)
 
     def run_small(self, feeds: dict[str, np.ndarray], options: onnxruntime.RunOptions) -> None:
         """Every part on a short input with ``options``: what an idle worker runs to shrink
@@ -403,17 +432,16 @@ class FrameStreamer:
         lo, hi = max(0, start - self.margin), min(total, end + self.margin)
         flowed = flowed or Flowed()
         t0 = time.perf_counter()
-        options = options or onnxruntime.RunOptions()
-        try:
-            with pacing.interruptible(lambda: setattr(options, "terminate", True), self.frame_cost_s * (hi - lo)):
-                z = self._flow(latents, flowed, hi, options)
-                feeds = {k: v for k, v in latents.items() if k in self._vocoder_inputs}
-                feeds[self.z] = z[..., lo:hi]
-                audio = self.vocoder.run(None, feeds, options)[0].reshape(-1)
-        except Exception:
-            if options.terminate:  # onnxruntime stops between nodes and reports it as a failure
-                return None
-            raise
+
+        def vocode(options: onnxruntime.RunOptions) -> np.ndarray:
+            z = self._flow(latents, flowed, hi, options)
+            feeds = {k: v for k, v in latents.items() if k in self._vocoder_inputs}
+            feeds[self.z] = z[..., lo:hi]
+            return self.vocoder.run(None, feeds, options)[0].reshape(-1)
+
+        audio = _interruptibly(pacing, self.frame_cost_s * (hi - lo), vocode, options)
+        if audio is None:
+            return None
         # A moving average of the wall time per decoded frame, as this machine runs it now
         # (other runs in flight included): what sizes the windows to come.
         self.frame_cost_s += 0.25 * ((time.perf_counter() - t0) / (hi - lo) - self.frame_cost_s)
@@ -451,7 +479,7 @@ class FrameStreamer:
         flowed = Flowed()
         for start, end in [(0, total)] if short else self.windows(total, pacing):
             while (audio := self.decode(latents, start, end, pacing, flowed)) is None:
-                yield _NOTHING  # interrupted for a new line's first audio: this window again, at its next turn
+                yield NOTHING  # interrupted for a new line's first audio: this window again, at its next turn
             yield audio
 
     def windows(self, total: int, pacing: Pacing = UNPACED) -> Iterator[tuple[int, int]]:

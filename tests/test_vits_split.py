@@ -105,6 +105,26 @@ def test_an_interrupted_window_is_decoded_again_and_nothing_is_lost_or_repeated(
     assert np.abs(np.concatenate(pieces) - np.concatenate(plain)).max() < 1e-6
 
 
+def test_an_interrupted_frontend_is_run_again_and_the_sentence_is_unchanged(fresh_frames: tuple[PiperEngine, Path]) -> None:
+    """A sentence's frontend run gives way to a new line as its windows do: no audio from the
+    cut run, the whole sentence from the next. (Noise off, so both runs compute the same.)"""
+    engine, _ = fresh_frames
+    cfg = engine.voice.config
+    noise = cfg.noise_scale, cfg.noise_w_scale
+    cfg.noise_scale = cfg.noise_w_scale = 0.0
+    try:
+        request = SynthesisRequest(text=LONG)
+        plain = [p for p in engine._speak_frames(LONG, request) if isinstance(p, np.ndarray)]
+        pacing = _InterruptEveryWindowOnce()
+        pieces = [p for p in engine._speak_frames(LONG, request, pacing) if isinstance(p, np.ndarray)]
+    finally:
+        cfg.noise_scale, cfg.noise_w_scale = noise
+    sentences = len([ph for ph in engine.voice.phonemize(LONG) if ph])
+    assert [len(p) for p in pieces if len(p)] == [len(p) for p in plain]
+    assert pacing.attempts == 2 * (len(plain) + sentences)  # every window and every frontend cut once
+    assert np.abs(np.concatenate(pieces) - np.concatenate(plain)).max() < 1e-5
+
+
 def test_windows_spend_little_decoding_margins(voice: PiperVoice, streamer: FrameStreamer) -> None:
     """Past the first window, audio is far ahead of playback: later windows grow fast, so the
     frames decoded twice (the margins) stay a small part of the sentence's work."""
