@@ -27,6 +27,7 @@ content.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -447,8 +448,10 @@ class FrameStreamer:
         self.frame_cost_s += 0.25 * ((time.perf_counter() - t0) / (hi - lo) - self.frame_cost_s)
         return audio[(start - lo) * HOP : (end - lo) * HOP]
 
-    @property
+    @functools.cached_property
     def _vocoder_inputs(self) -> set[str]:
+        """The inputs the vocoder reads (z, and a speaker's embedding where it has one): asked of
+        its session once, not at every window."""
         return {i.name for i in self.vocoder.get_inputs()}
 
     def _flow(self, latents: dict[str, np.ndarray], flowed: Flowed, end: int, options: onnxruntime.RunOptions) -> np.ndarray:
