@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING, Optional
 
 from .config import BrokerConfig, Config, ConfigError, load_config
+from .gcpause import freeze_startup_objects
 from .server import BrokerServer
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         signal.signal(sig, lambda *_: server.stop())
     if security is not None:
         signal.signal(signal.SIGHUP, lambda *_: security.reload())
+    freeze_startup_objects()
     server.run()
     return 0
 

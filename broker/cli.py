@@ -22,6 +22,7 @@ from . import keys, tts
 from .captions import TimingTrack, plot_timings, webvtt
 from .client import TtsClient, TtsError
 from .config import BrokerConfig, Config, ConfigError, GatewaysConfig, load_config, split_host_port, wyoming_uri
+from .gcpause import freeze_startup_objects
 
 if TYPE_CHECKING:
     from .metrics import BrokerMetrics
@@ -252,6 +253,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     signal.signal(signal.SIGHUP, on_hup)
     with Service(cfg) as svc:
+        freeze_startup_objects()  # the broker thread's full collections stall every stream (broker/gcpause.py)
         while not stop:
             time.sleep(0.1)
             if hup:
@@ -339,6 +341,7 @@ def cmd_wyoming(a: argparse.Namespace) -> int:
         raise ConfigError(f"--uri: {exc}") from None
     _gateway_logging(a.log_level)
     try:
+        freeze_startup_objects()  # broker/gcpause.py
         asyncio.run(wyoming.serve(a.broker, a.uri, **_curve(a)))
     except OSError as exc:
         raise ConfigError(f"--uri: cannot listen on {a.uri}: {exc.strerror}") from None
@@ -357,6 +360,7 @@ def cmd_http(a: argparse.Namespace) -> int:
         raise ConfigError(f"--listen: {exc}") from None
     _gateway_logging(a.log_level)
     try:
+        freeze_startup_objects()  # broker/gcpause.py
         asyncio.run(http.serve(a.broker, host, port, **_curve(a)))
     except OSError as exc:
         raise ConfigError(f"--listen: cannot listen on {a.listen}: {exc.strerror}") from None

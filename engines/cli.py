@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import Callable
 
+from broker.gcpause import freeze_startup_objects
 from broker.keys import CertificateError, connecting_keys
 from engines.base import Engine
 from engines.runtime import WorkerRuntime, synthesis_executor
@@ -52,4 +53,5 @@ def run_worker(args: argparse.Namespace, load: Callable[[], Engine]) -> None:
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: runtime.stop())
+    freeze_startup_objects()  # the model and its tables, out of the collector's way (broker/gcpause.py)
     runtime.run()
