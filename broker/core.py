@@ -614,7 +614,7 @@ class BrokerCore:
             elif isinstance(event, tts.Error):  # cancelled, though nobody asked: say so
                 send.append(body)
             elif isinstance(event, tts.Timing):
-                send += stream.on_timing(event)  # held until the audio it describes
+                send += stream.on_timing(event, body)  # held until the audio it describes
             else:
                 if isinstance(event, tts.End):
                     body = stream.on_end(event, now, job.failovers)

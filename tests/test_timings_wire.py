@@ -116,11 +116,28 @@ def test_start_and_failover_carry_timings_only_when_asked() -> None:
     assert "timings" not in json.loads(tts.Failover("piper", "v", {}, "x", 0).body(RID)[2])
 
 
+def _sent(timing: tts.Timing) -> tuple[tts.Timing, list[bytes]]:
+    """A worker's timing event as the core hands it to the stream: decoded, and its body."""
+    return timing, timing.body(RID)
+
+
+def test_the_first_workers_timings_go_on_as_they_came() -> None:
+    s = Stream(RID, 20, 0.0)
+    s.on_start(tts.Start(22050, "s16le", "piper", "v", {"pid": 1}, timings=["words"]), "w1")
+    body = [RID, b"timing", b'{ "words": [ {"start": 0, "end": 9, "text": "Hello", "char": [0, 5]} ] }']
+    _, timing = tts.decode_event(body)
+    assert isinstance(timing, tts.Timing)
+    s.on_timing(timing, body)
+    out = s.audio(b"\0\0", 1.0)
+    assert [b[1] for b in out] == [b"start", b"timing", b"audio"]
+    assert out[1] == body  # the worker's own bytes: nothing to rebase, nothing encoded again
+
+
 def test_stream_holds_timings_with_start_and_rebases_them_after_a_failover() -> None:
     text = "Hello there. Who goes there?"
     s = Stream(RID, len(text), 0.0)
     assert s.on_start(tts.Start(22050, "s16le", "piper", "v", {"pid": 1}, timings=["words"]), "w1") == []
-    assert s.on_timing(_timing(0, 100, (0, 5))) == []  # held until the audio it describes
+    assert s.on_timing(*_sent(_timing(0, 100, (0, 5)))) == []  # held until the audio it describes
     out = s.audio(b"\0\0" * 300, 1.0)
     assert [b[1] for b in out] == [b"start", b"timing", b"audio"]
     s.on_mark(tts.Mark(13))
@@ -129,20 +146,20 @@ def test_stream_holds_timings_with_start_and_rebases_them_after_a_failover() -> 
     # Before the new worker's audio, a timing stays held (a failover before audio is invisible).
     fo = s.on_start(tts.Start(22050, "s16le", "xtts", "v", {"pid": 2}, timings=[]), "w2")
     assert json.loads(fo[0][2])["timings"] == []
-    s.on_timing(_timing(0, 40, (0, 3)))
+    s.on_timing(*_sent(_timing(0, 40, (0, 3))))
     [timing, _] = s.audio(b"\0\0" * 10, 1.2)
     moved = tts.decode_event(timing)[1]
     assert isinstance(moved, tts.Timing)
     assert moved.words == [tts.WordTime(350, 390, "gates", (13, 16))]  # 300 + 50 samples delivered before
     assert moved.visemes == [tts.VisemeTime(350, 390, "kk")]
     with pytest.raises(tts.EventError):
-        s.on_timing(_timing(0, 1, (0, len(text))))  # beyond the text the worker was given
+        s.on_timing(*_sent(_timing(0, 1, (0, len(text)))))  # beyond the text the worker was given
 
 
 def test_a_failover_before_audio_drops_the_held_timings() -> None:
     s = Stream(RID, 20, 0.0)
     s.on_start(tts.Start(22050, "s16le", "piper", "v", {"pid": 1}), "w1")
-    s.on_timing(_timing(0, 100, (0, 5)))
+    s.on_timing(*_sent(_timing(0, 100, (0, 5))))
     s.resume_point()
     s.on_start(tts.Start(22050, "s16le", "piper", "v", {"pid": 2}), "w2")
     assert [b[1] for b in s.audio(b"\0\0", 1.0)] == [b"start", b"audio"]
