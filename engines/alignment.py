@@ -190,13 +190,12 @@ def _matching(said: Sequence[str], alone: Sequence[str]) -> Iterator[tuple[int, 
     said_at = list(accumulate(map(len, said), initial=0))
     alone_at = list(accumulate(map(len, alone), initial=0))
     said_text, alone_text = "".join(said), "".join(alone)
-    i = j = 0
+    i = j = 0  # the first words of each not matched yet
     for block in difflib.SequenceMatcher(None, said, alone, autojunk=False).get_matching_blocks():
-        if block.a > i and block.b > j:
-            lo, hi = said_at[i], alone_at[j]
-            for m in difflib.SequenceMatcher(None, said_text[lo : said_at[block.a]], alone_text[hi : alone_at[block.b]], autojunk=False).get_matching_blocks():
-                if m.size:
-                    yield lo + m.a, hi + m.b, m.size
+        if block.a > i and block.b > j:  # unequal words before this block, on both sides
+            a0, b0 = said_at[i], alone_at[j]
+            between = difflib.SequenceMatcher(None, said_text[a0 : said_at[block.a]], alone_text[b0 : alone_at[block.b]], autojunk=False)
+            yield from ((a0 + m.a, b0 + m.b, m.size) for m in between.get_matching_blocks() if m.size)
         if block.size:
             yield said_at[block.a], alone_at[block.b], said_at[block.a + block.size] - said_at[block.a]
         i, j = block.a + block.size, block.b + block.size
@@ -212,9 +211,11 @@ def symbol_samples(symbols: Sequence[str], id_map: Mapping[str, Sequence[int]], 
         counts.append(ids + (pad if i < len(symbols) - 1 else 0))
     if sum(counts) != len(id_samples):
         return None
-    ends = list(accumulate(counts))
-    total = list(accumulate((int(n) for n in id_samples), initial=0))
-    return [total[end] - total[end - c] for end, c in zip(ends, counts)]
+    out, at = [], 0
+    for c in counts:
+        out.append(int(sum(id_samples[at : at + c])))
+        at += c
+    return out
 
 
 def align_piece(
