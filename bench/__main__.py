@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "relay_overhead_ratio": results["relay"]["relay_overhead_ratio"],
         "curve_overhead_ratio": results["security"]["curve_overhead_ratio"],
         "metrics_overhead_ratio": results["security"]["metrics_overhead_ratio"],
+        "security_control_ratio": results["security"]["control_ratio"],
         "ttfa_ratio": results["ttfa_piper"]["ttfa_ratio"],
         "ttfa_ratio_sentence_mode": results["ttfa_piper"]["sentence_mode"]["ttfa_ratio"],
         "chunks_per_s": results["throughput"]["chunks_per_s"],

@@ -250,7 +250,8 @@ def _security_rows(results: dict[str, Any]) -> list[str]:
         *[f"| {name} | {v['p50']} | {v['p90']} | {v['p99']} |" for name, v in sec["paths"].items()],
         "",
         f"`curve_overhead_ratio` = **{sec['curve_overhead_ratio']}** (p99 {sec['curve_overhead_ratio_p99']}), "
-        f"`metrics_overhead_ratio` = **{sec['metrics_overhead_ratio']}** (p99 {sec['metrics_overhead_ratio_p99']}).",
+        f"`metrics_overhead_ratio` = **{sec['metrics_overhead_ratio']}** (p99 {sec['metrics_overhead_ratio_p99']}); "
+        f"a second plain broker ÷ the first (the run's noise floor): {sec.get('control_ratio', '—')}.",
         "",
     ]
 

@@ -7,6 +7,12 @@ on each failover, on a stalled client (the server) and on a worker restart
 depth, requests in flight — are read from the core only when Prometheus
 scrapes (:class:`_Live`), so the hot path pays nothing for them.
 
+A request's end is only noted when the core reports it (the core reports it
+before the client's FINAL is sent, and counting it costs about 16 µs: 1 % of
+a broker round trip); the server counts what was noted once the FINAL is on
+its way (:meth:`BrokerMetrics.settle`), and so does every scrape, first, so
+that ``/metrics`` never lags what a client has already been told.
+
 Names are stable and documented in README.md ("Deploying across machines").
 Label values come from bounded sets only: a service label is ``tts`` or a
 service some worker registered (else ``other``), an outcome is ``end`` or one
@@ -22,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import deque
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -72,6 +79,11 @@ class BrokerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._ended: deque[tuple[Job, str, Optional[list[bytes]]]] = deque()
+        self._settling = threading.Lock()
+        # Registered first, so a scrape runs its collect(), which settles the
+        # noted ends, before the counters below are read.
+        r.register(_Live(self))
         self.requests = Counter(
             "tts_broker_requests", "Requests ended, by service and outcome (end, or the error code).",
             ["service", "outcome"], registry=r,
@@ -92,7 +104,6 @@ class BrokerMetrics:
         self.stalled = Counter("tts_broker_stalled_clients", "Clients whose queue filled (client_hwm) and whose streams were cancelled.", registry=r)
         self.restarts = Counter("tts_broker_worker_restarts", "Worker processes restarted by serve's supervisor.", ["service"], registry=r)
         self._core: Optional[BrokerCore] = None
-        r.register(_Live(self))
         self._server: Optional[object] = None
 
     def attach(self, core: BrokerCore) -> None:
@@ -113,6 +124,19 @@ class BrokerMetrics:
         self.requests.labels(self._service(service), code if code in tts.ERROR_CODES else "other").inc()
 
     def request_done(self, job: Job, outcome: str, final: Optional[list[bytes]], now: float) -> None:
+        """Note one finished request, to be counted by :meth:`settle` (a finished job is never changed again)."""
+        self._ended.append((job, outcome, final))
+
+    def settle(self) -> None:
+        """Count the requests noted as finished: the server calls it once the replies of a batch
+        are sent, a scrape (from the HTTP thread) before it reads the counters."""
+        if not self._ended:
+            return
+        with self._settling:  # only a holder pops, so the deque cannot empty under it
+            while self._ended:
+                self._count(*self._ended.popleft())
+
+    def _count(self, job: Job, outcome: str, final: Optional[list[bytes]]) -> None:
         """Count one finished request; observe its first audio, RTF and audio (TTS jobs)."""
         self.requests.labels(self._service(job.service), _outcome(job, outcome, final)).inc()
         stream = job.stream
@@ -178,12 +202,14 @@ def _outcome(job: Job, outcome: str, final: Optional[list[bytes]]) -> str:
 
 
 class _Live(Collector):
-    """Gauges read from the core at scrape time (from the HTTP thread: only atomic reads)."""
+    """Gauges read from the core at scrape time (from the HTTP thread: only atomic reads), after
+    the noted request ends are counted."""
 
     def __init__(self, metrics: BrokerMetrics) -> None:
         self.m = metrics
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
+        self.m.settle()
         workers = GaugeMetricFamily("tts_broker_workers", "Live workers per service.", labels=["service"])
         queue = GaugeMetricFamily("tts_broker_queue_depth", "Requests waiting for a worker.")
         inflight = GaugeMetricFamily("tts_broker_inflight", "Requests admitted and not yet ended.")

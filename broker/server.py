@@ -10,7 +10,8 @@ backend's READYs are checked here, before the core sees them: the
 certificate the connection authenticated with (ZAP's User-Id) must be one of
 the worker keys and allowed the service (``worker_services``); the core is
 told the certificate, for ``tts.status``. Metrics (``broker/metrics.py``)
-hear the core's per-request events; the server adds only stalled clients.
+hear the core's per-request events, counted once a batch's replies are sent;
+the server adds only stalled clients.
 """
 
 from __future__ import annotations
@@ -154,6 +155,11 @@ class BrokerServer:
                 if now >= next_tick:
                     self._apply(self._guarded("a tick", core.tick, now), now)
                     next_tick = now + period
+                if self.metrics is not None:
+                    try:
+                        self.metrics.settle()  # once the FINALs went out: off the clients' way
+                    except Exception:
+                        log.exception("internal error counting finished requests; their figures are lost")
         finally:
             self.frontend.close(linger=0)
             self.backend.close(linger=0)

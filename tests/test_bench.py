@@ -12,12 +12,12 @@ def test_relay_benchmark_measures_every_path() -> None:
     assert r["relay_overhead_ratio"] > 0
 
 
-def test_security_benchmark_measures_plain_curve_and_metrics_brokers() -> None:
+def test_security_benchmark_measures_plain_curve_metrics_and_control_brokers() -> None:
     """A round trip through the CURVE broker also proves its client and engine authenticated."""
     r = relay.run_security(rounds=1, per_round=20, warmup=5)
-    assert set(r["paths"]) == {"plain", "curve", "metrics"}
+    assert set(r["paths"]) == {"plain", "curve", "metrics", "control"}
     assert all(v["count"] == 20 and v["p50"] > 0 for v in r["paths"].values())
-    assert r["curve_overhead_ratio"] > 0 and r["metrics_overhead_ratio"] > 0
+    assert r["curve_overhead_ratio"] > 0 and r["metrics_overhead_ratio"] > 0 and r["control_ratio"] > 0
 
 
 def test_throughput_benchmark_streams_without_errors() -> None:

@@ -185,3 +185,26 @@ def test_a_stalled_client_is_counted(tmp_path: Path, tiny_pt_voice: Path) -> Non
 )
 def test_failover_reasons_are_a_bounded_set(why: str, label: str) -> None:
     assert failover_reason(why) == label
+
+
+def test_a_finished_request_is_counted_by_the_next_scrape_even_before_the_loop_settles() -> None:
+    """The core reports a request's end before its FINAL is sent; the count is deferred off that
+    path (:meth:`BrokerMetrics.settle`), and a scrape must not lag what a client was told."""
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from broker.metrics import BrokerMetrics
+
+    m = BrokerMetrics()
+    stream = SimpleNamespace(engines=["piper"], first_audio=1.02, created=1.0, voice=EN_VOICE, rate=22050, samples=22050)
+    job = SimpleNamespace(service=b"tts", stream=stream, rid=b"r1")
+    m.request_done(job, "completed", [b"r1", b"end", b'{"rtf": 0.05}'], 2.0)  # type: ignore[arg-type]
+    assert m.requests.labels("tts", "end")._value.get() == 0  # noted, not yet counted
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(m.registry).decode())}
+    assert [s.value for s in families["tts_broker_requests"].samples if s.name.endswith("_total")] == [1.0]
+    first = families["tts_broker_first_audio_seconds"].samples
+    assert [s.value for s in first if s.name.endswith("_count")] == [1.0]
+    assert [s.value for s in families["tts_broker_audio_seconds"].samples if s.name.endswith("_total")] == [1.0]
+    m.settle()  # the loop's settle after the scrape's finds nothing left: counted once
+    assert m.requests.labels("tts", "end")._value.get() == 1
