@@ -19,9 +19,9 @@ authenticated), with ``[metrics]`` on, and a second plain one as a control.
 ``curve_overhead_ratio`` = CURVE p50 / plain p50, ``metrics_overhead_ratio`` =
 metrics p50 / plain p50, ``control_ratio`` = the second plain broker's p50 / the
 first's: what two identical brokers differ by in the same run, the floor under
-which the other two ratios say nothing (on the 2-core VM it has read 0.94-1.47,
-each pair of broker and engine processes keeping its own placement and luck
-for the whole run).
+which the other two ratios say nothing (on the 2-core VM it read 0.74-1.53 over
+18 runs, each pair of broker and engine processes keeping its own placement and
+luck for the whole run).
 """
 
 from __future__ import annotations
