@@ -53,6 +53,8 @@ GOALS = {
 
 
 GATEWAY_KEYS = ("wyoming_ttfa_ratio", "http_ttfa_ratio", "gateway_peer_short_ratio", "gateway_peer_long_ratio")
+GATEWAY_REPS = {True: 16, False: 20}
+"""Repetitions of the gateways case, quick run or full: the same whether run alone or in the set."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     q = a.quick
     if a.only_gateways:
-        r = {"mode": "quick" if q else "full", "machine": machine_info(), "gateways": gateways.run(reps=16 if q else 20)}
+        r = {"mode": "quick" if q else "full", "machine": machine_info(), "gateways": gateways.run(reps=GATEWAY_REPS[q])}
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"gateways-{r['mode']}.json").write_text(json.dumps(r, indent=1))
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         step("rust_client", lambda: rust_client.run(reps=40 if q else 80, loads=3 if q else 10))
     if not a.skip_peer:
         step("peer", lambda: peer.run(reps=5 if q else 15, loads=2 if q else 5))
-        step("gateways", lambda: gateways.run(reps=16 if q else 20))
+        step("gateways", lambda: gateways.run(reps=GATEWAY_REPS[q]))
 
     headline = {
         "relay_overhead_ratio": results["relay"]["relay_overhead_ratio"],
