@@ -61,6 +61,19 @@ giving back costs one short run (~50-100 ms on 2 cores) that a line arriving the
 and the next long window grows the arena again (~+17 % on a 512-frame window); first audio is
 otherwise unchanged (measured in one process)."""
 
+RELAY_PAUSE_S = 0.003
+"""Seconds a synthesis thread rests after a stream's first audio, before its next piece.
+
+That audio still has a way to go (this worker's socket thread, the broker, a gateway, the
+client), one process wake-up after another. On a small machine the engine's next window
+would hold every core meanwhile (onnxruntime's pool spins within a run), and each wake-up
+waited for a time slice: measured per request as the client's first audio less the broker's
+own ``ttfa_ms``, the relay of a passage's first audio took 9.0 ms through the Wyoming
+gateway, 10.6 ms through the HTTP one and 6.0 ms to the ZeroMQ client, and 4.6 / 5.0 / 2.2 ms
+with this rest (2 cores; two brokers, with and without it, 14 interleaved repetitions). A
+listener then has a whole first window of audio in hand (about 90 ms for Piper), so the rest
+costs it nothing; it is taken once per stream."""
+
 
 def trim_heap() -> None:
     """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim``):
@@ -91,6 +104,9 @@ class _Job(HasPlayback):
     """A synthesis thread is advancing it now (guarded by the runtime's condition)."""
     pacing: Pacing = UNPACED
     """What its engine is told about its listener (set when it arrives)."""
+    relaying: bool = False
+    """Its first audio has just been sent and its thread rests (``RELAY_PAUSE_S``): the cores
+    are still its start's, as while that audio was made."""
 
 
 def synthesis_executor() -> ThreadPoolExecutor:
@@ -337,7 +353,7 @@ class WorkerRuntime:
                 return False
             # While another thread starts a line, the cores are its: only a listener about to
             # run dry is fed meanwhile.
-            starting = any(j.busy and j.playback.first is None for j in self._active)
+            starting = any(j.busy and (j.playback.first is None or j.relaying) for j in self._active)
             return not starting or job.playback.lead(now) < SLACK * self._start_cost
 
         try:
@@ -455,6 +471,7 @@ class WorkerRuntime:
 
             def send(chunks: Iterator[bytes]) -> None:
                 nonlocal seq, samples, first
+                starting = first is None
                 for pcm in chunks:
                     if job.cancel.is_set():
                         raise _Cancelled
@@ -464,6 +481,10 @@ class WorkerRuntime:
                     job.playback.sent(len(pcm) / width / rate, now)
                     seq += 1
                     samples += len(pcm) // width
+                if starting and first is not None:
+                    job.relaying = True
+                    time.sleep(RELAY_PAUSE_S)
+                    job.relaying = False
 
             for lo, hi in split_sentences(request.text, self.engine.max_chars(request.language)):
                 clock = samples  # the stream's clock at this sentence: earlier ones were flushed whole

@@ -19,7 +19,8 @@ import zmq
 from broker import mdp, tts
 from broker.tts import SynthesisRequest
 from engines.base import Engine
-from engines.runtime import WorkerRuntime
+from engines import runtime
+from engines.runtime import RELAY_PAUSE_S, WorkerRuntime
 from engines.schedule import Pacing, Playback, next_up
 from tests.conftest import free_port
 
@@ -120,6 +121,46 @@ def test_a_short_line_is_spoken_while_a_long_one_is_still_going(broker: _Broker)
     for job, pieces in ((b"A", 60), (b"B", 2)):
         seqs = [ev.seq for j, _, ev in log if j == job and isinstance(ev, tts.Audio)]
         assert seqs == list(range(pieces)), f"job {job!r}: {seqs}"
+
+
+class _LoggedTime:
+    """``engines.runtime``'s view of the time module, with its sleeps written to a shared log."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        self.log.append(f"rest {seconds}")
+        time.sleep(seconds)
+
+
+def test_a_stream_rests_once_after_its_first_audio_before_the_engines_next_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RELAY_PAUSE_S: the first audio's way to the listener gets the cores before the next
+    piece is made, once per stream (each of two lines rests after its own first audio)."""
+    log: list[str] = []
+
+    class _Logged(_Pieces):
+        def speak(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
+            for piece in super().speak(text, request):
+                log.append(f"{text.split()[1]} piece")
+                yield piece
+
+    monkeypatch.setattr(runtime, "time", _LoggedTime(log))
+    broker = _Broker(_Logged())
+    try:
+        for job, words in ((b"A", "3 first"), (b"B", "2 second")):
+            broker.request(job, words)
+            for address, final, event in broker.replies():
+                assert address == job and not isinstance(event, tts.Error), event
+                if final:
+                    break
+    finally:
+        broker.close()
+    rest = f"rest {RELAY_PAUSE_S}"
+    assert log == ["first piece", rest, "first piece", "first piece", "second piece", rest, "second piece"]
 
 
 def test_a_request_beyond_the_slots_is_refused_and_cancel_touches_one_job(broker: _Broker) -> None:
