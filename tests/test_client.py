@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import zmq
 
-from broker.client import AsyncTtsClient, TtsClient, TtsError
+from broker import mdp, tts
+from broker.client import AsyncTtsClient, TtsClient, TtsError, TtsTimeout
 from broker.tts import Audio, End, Start
 from tests.conftest import EN_VOICE, ROOT, Served, free_port, stop_serve, wait_services
 from tests.test_e2e import LONG
@@ -122,3 +124,40 @@ def test_new_stream_after_broker_restart_while_idle(tmp_path: Path) -> None:
         for s in running:
             rc = stop_serve(s)
             assert rc == 0, f"serve exited with {rc}; log:\n{s.log_text()[-3000:]}"
+
+
+def test_a_stream_with_no_reply_times_out_and_is_cancelled_at_the_broker() -> None:
+    """Both clients: a broker that takes the request and says nothing fails the stream with
+    ``timeout`` after ``timeout`` seconds, and is told to cancel it."""
+    ctx = zmq.Context.instance()
+    mute = ctx.socket(zmq.ROUTER)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    mute.bind(endpoint)
+
+    def cancel_follows(rid: bytes) -> None:
+        request = mdp.decode_client(mute.recv_multipart()[1:])
+        assert request.service == tts.SERVICE and request.body[0] == rid
+        assert mute.poll(5000), "no cancel"
+        cancel = mdp.decode_client(mute.recv_multipart()[1:])
+        assert cancel.service == tts.CANCEL_SERVICE and cancel.body == [rid]
+
+    try:
+        with TtsClient(endpoint, timeout=0.3) as c:
+            stream = c.speak("Nobody answers.")
+            with pytest.raises(TtsTimeout):
+                list(stream)
+            cancel_follows(stream.rid)
+
+        async def main() -> bytes:
+            c = AsyncTtsClient(endpoint, timeout=0.3)
+            try:
+                stream = await c.speak("Nobody answers.")
+                with pytest.raises(TtsTimeout):
+                    await stream.audio()
+                return stream.rid
+            finally:
+                await c.close()
+
+        cancel_follows(asyncio.run(main()))
+    finally:
+        mute.close(linger=0)
