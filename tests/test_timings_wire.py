@@ -248,3 +248,12 @@ def test_timing_track_answers_which_word_and_viseme_and_drops_what_a_failover_vo
     track.failover(240)  # "gates" was never heard: the new worker says it again
     assert [w.text for w in track.words] == ["Open"] and track.viseme_at(300) == "kk"
     assert webvtt(track.words, 100) == "WEBVTT\n\n1\n00:00:01.000 --> 00:00:02.000\nOpen\n"
+
+
+@pytest.mark.parametrize("raw", [b"", b"[]", b'"words"', b"{", b'{"words": [}', b'{"words": [{"start": 0, "end": 1, "text": "\\ud800", "char": [0, 1]}]}',
+                                 b'{"words": [{"start": 0, "end": 1, "text": "\xff", "char": [0, 1]}]}', b"[" * 5000, b'{"words": [{"start": NaN}]}'])
+def test_a_timing_body_that_is_not_a_json_object_is_an_event_error(raw: bytes) -> None:
+    """Not JSON, not an object, invalid UTF-8 or a lone surrogate: refused as a peer's fault
+    (``EventError``, which the broker's relay turns into a failover), never anything else."""
+    with pytest.raises(tts.EventError):
+        tts.decode_event([RID, b"timing", raw])
