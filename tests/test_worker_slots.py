@@ -137,9 +137,10 @@ class _LoggedTime:
         time.sleep(seconds)
 
 
-def test_a_stream_rests_once_after_its_first_audio_before_the_engines_next_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_lone_stream_rests_once_after_its_first_audio_before_the_engines_next_piece(monkeypatch: pytest.MonkeyPatch) -> None:
     """RELAY_PAUSE_S: the first audio's way to the listener gets the cores before the next
-    piece is made, once per stream (each of two lines rests after its own first audio)."""
+    piece is made, once per stream (each of two lines rests after its own first audio), and
+    only by a stream that is the worker's only job."""
     log: list[str] = []
 
     class _Logged(_Pieces):
@@ -161,6 +162,23 @@ def test_a_stream_rests_once_after_its_first_audio_before_the_engines_next_piece
         broker.close()
     rest = f"rest {RELAY_PAUSE_S}"
     assert log == ["first piece", rest, "first piece", "first piece", "second piece", rest, "second piece"]
+
+    # A line that starts while another is in flight does not rest: the other's pieces would wait.
+    log.clear()
+    broker = _Broker(_Logged())
+    try:
+        broker.request(b"C", "30 long")
+        finals = 0
+        for address, final, event in broker.replies():
+            if address == b"C" and isinstance(event, tts.Audio) and event.seq == 0:
+                broker.request(b"D", "2 short")
+            finals += final
+            if finals == 2:
+                break
+    finally:
+        broker.close()
+    assert log.count(rest) == 1 and log.index(rest) == 1, log
+    assert "short piece" in log
 
 
 def test_a_request_beyond_the_slots_is_refused_and_cancel_touches_one_job(broker: _Broker) -> None:
