@@ -18,7 +18,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -210,10 +210,12 @@ class EventError(ProtocolError):
     mistaken for a worker sending garbage."""
 
 
-def json_object(raw: bytes, what: str) -> dict[str, Any]:
-    """Parse a frame that must hold a JSON object; :class:`EventError` (never anything else) if not."""
+def json_object(raw: bytes, what: str, loads: Callable[[bytes], Any] = json.loads) -> dict[str, Any]:
+    """Parse a frame that must hold a JSON object; :class:`EventError` (never anything else) if not.
+
+    ``loads`` is the codec (orjson for the large ``timing`` event; its errors are ValueErrors)."""
     try:
-        obj = json.loads(raw)
+        obj = loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise EventError(f"{what} is not UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):
@@ -464,12 +466,7 @@ class Timing:
         decoded by the broker and again by the client on the way to the first audio: built
         first and checked after in one pass each (a third of the time of field-by-field checks);
         anything that fails is decoded again by :meth:`_checked`, for the error that names it."""
-        try:
-            d = orjson.loads(frames[2])
-        except orjson.JSONDecodeError as exc:  # invalid UTF-8 and lone surrogates included
-            raise EventError(f"timing is not UTF-8 JSON: {exc}") from None
-        if not isinstance(d, dict):
-            raise EventError("timing must be a JSON object")
+        d = json_object(frames[2], "timing", orjson.loads)
         try:
             timing = cls._trusting(d)
         except (KeyError, TypeError, ValueError):
