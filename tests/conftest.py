@@ -20,6 +20,14 @@ from tests.mdp_peers import RawClient
 ROOT = Path(__file__).resolve().parent.parent
 EN_VOICE = "en_US-joe-medium"
 PT_VOICE = "pt_BR-tinyfixture-x_low"
+STORY = " ".join(
+    f"Chapter {i}: the caravan crossed the river at dawn, and the guards counted every wagon twice."
+    for i in range(1, 9)
+)
+"""Eight sentences, ~45 s of speech and ~3 s of synthesis: long enough to kill or stop the serving
+worker mid-stream, short enough that hearing it (~7 s of PocketSphinx per draw, five draws of
+piper-tts's for the bar, shared by every test that uses it) stays well inside a test's timeout.
+Three times as long, the first test to need its bar ran past 300 s in CI."""
 
 
 def free_port() -> int:

@@ -9,10 +9,6 @@ from typing import Any, Callable
 from tests.conftest import EN_VOICE, Served
 
 SERVICE = f"piper.{EN_VOICE}"
-STORY = " ".join(
-    f"Chapter {i}: the caravan crossed the river at dawn, and the guards counted every wagon twice."
-    for i in range(1, 9)
-)
 
 
 def status(s: Served) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import strategies as st
 
 from broker import mdp, tts
 from broker.core import Action
@@ -24,7 +23,6 @@ from tests.core_rig import (
     error_code,
     events,
     job_key,
-    mark,
     ready,
     requests_to,
     start,

@@ -6,7 +6,6 @@ import json
 from dataclasses import replace
 
 import pytest
-from hypothesis import settings
 
 from broker import tts
 from broker.core import CoreSettings

@@ -15,14 +15,10 @@ import numpy as np
 import pytest
 
 from tests.asr import assert_heard_like_piper
-from tests.conftest import EN_VOICE, ROOT, Served, free_port, start_serve, stop_serve, wait_services
+from tests.conftest import EN_VOICE, ROOT, STORY, Served, free_port, start_serve, stop_serve, wait_services
 from tests.mdp_peers import MisbehavingEngine, RawClient, RawStream
 
 SERVICE = f"piper.{EN_VOICE}"
-STORY = " ".join(
-    f"Chapter {i}: the caravan crossed the river at dawn, and the guards counted every wagon twice."
-    for i in range(1, 25)
-)
 
 
 def alive(pid: int) -> bool:

@@ -12,8 +12,8 @@ import pytest
 import soundfile
 
 from tests.asr import SENTENCE, assert_heard_like_piper
-from tests.conftest import EN_VOICE, Gatewayed
-from tests.gateway_util import STORY, busy_pid, idle, status, wait_for
+from tests.conftest import EN_VOICE, STORY, Gatewayed
+from tests.gateway_util import busy_pid, idle, status, wait_for
 
 
 def speech(**body: object) -> dict[str, object]:

@@ -8,8 +8,8 @@ from typing import Optional
 import numpy as np
 
 from tests.asr import SENTENCE, assert_heard_like_piper
-from tests.conftest import EN_VOICE, Gatewayed
-from tests.gateway_util import STORY, idle, status, wait_for
+from tests.conftest import EN_VOICE, STORY, Gatewayed
+from tests.gateway_util import idle, status, wait_for
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
