@@ -138,10 +138,10 @@ class Service:
         self.metrics: Optional[BrokerMetrics] = None
         try:
             if cfg.security.curve and any(w.count and not (w.curve_key and w.broker_key) for w in cfg.workers):
-                from .security import LOCAL_WORKER, LocalWorkerKeys
+                from . import security
 
-                self.local_keys = LocalWorkerKeys(keys.key_pair(cfg.security.broker_key)[0])  # type: ignore[arg-type]
-                self.security = start_security(cfg, {self.local_keys.public: LOCAL_WORKER})
+                self.local_keys = security.LocalWorkerKeys(keys.key_pair(cfg.security.broker_key)[0])  # type: ignore[arg-type]
+                self.security = start_security(cfg, {self.local_keys.public: security.LOCAL_WORKER})
             else:
                 self.security = start_security(cfg)
             self.metrics = start_metrics(cfg)
