@@ -107,6 +107,11 @@ class Pacing:
     def paced(self) -> bool:
         return True
 
+    def waiting(self) -> bool:
+        """Whether a listener is waiting for this job's first audio (none has been sent): what is
+        decoded now is on the way to it, and worth more work to make sooner."""
+        return self._playback.first is None
+
     def sharing(self) -> int:
         """Jobs this worker advances in turns now, this one included."""
         return max(1, len(self._jobs()))
@@ -142,6 +147,9 @@ class _Unpaced(Pacing):
 
     @property
     def paced(self) -> bool:
+        return False
+
+    def waiting(self) -> bool:
         return False
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -394,3 +395,34 @@ def test_an_idle_engine_gives_back_what_its_largest_runs_grew_and_speaks_the_sam
     whole = engine.frames.decode(latents, 0, total)
     windows = np.concatenate(list(engine.frames.stream(latents)))
     assert whole is not None and windows.shape == whole.shape and np.abs(windows - whole).max() < 1e-4
+
+
+def test_a_line_that_starts_with_a_few_words_is_windowed_for_its_listener_and_a_later_one_run_whole(
+    fresh_frames: tuple[PiperEngine, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A piece of a few words run whole is the least work, but its first sample comes only when
+    all of it is decoded (engines/piper._SHORT_IDS): while a listener waits for the stream's
+    first audio it goes through the split's windows; with audio in hand, through one run."""
+    engine, _ = fresh_frames
+    assert engine.frames is not None
+    runs = {"whole": 0, "front": 0}
+    whole_run, front = engine.voice.session.run, engine.frames.front
+
+    def count(kind: str, f: Callable) -> Callable:  # type: ignore[type-arg]
+        def counted(*args: object, **kwargs: object) -> object:
+            runs[kind] += 1
+            return f(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(engine.voice.session, "run", count("whole", whole_run))
+    monkeypatch.setattr(engine.frames, "front", count("front", front))
+    text = "Halt!"
+    request = SynthesisRequest(text=text)
+    waiting = Pacing(Playback(arrived=time.monotonic()), lambda: ())
+    first = [p for p in engine._speak_frames(text, request, waiting) if isinstance(p, np.ndarray) and len(p)]
+    assert runs == {"whole": 0, "front": 1} and len(first) > 1  # windows: the first of several pieces
+    playing = Pacing(Playback(arrived=time.monotonic(), first=time.monotonic(), audio_s=5.0), lambda: ())
+    later = [p for p in engine._speak_frames(text, request, playing) if isinstance(p, np.ndarray) and len(p)]
+    assert runs == {"whole": 1, "front": 1} and len(later) == 1
+    # Same words, same voice: about the same length either way (the voice's duration noise aside).
+    assert 0.5 < sum(map(len, first)) / sum(map(len, later)) < 2
