@@ -20,7 +20,7 @@ import json
 import logging
 import threading
 import time
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import onnxruntime
@@ -148,17 +148,45 @@ class DeviceError(RuntimeError):
 
 
 def pick_device(device: str) -> bool:
-    """Return True for CUDA. ``auto`` uses CUDA only where onnxruntime offers it."""
+    """Return True for CUDA, which only ``cuda`` asks for.
+
+    ``auto`` is the CPU even where onnxruntime offers CUDA: measured on an H200
+    (``bench/results/gpu-h200-piper.json``), onnxruntime's CUDA provider pays 0.1-0.25 s of
+    set-up for every new input length, and every sentence and frame window is one, so a
+    worker's first audio was ~0.3 s on the GPU against ~25 ms for a short line on the CPU."""
+    if device not in ("cuda", "auto", "cpu"):
+        raise DeviceError(f"unknown device {device!r}: use auto, cpu or cuda")
     available = onnxruntime.get_available_providers()
-    if device == "cpu":
+    if device != "cuda":
+        if device == "auto" and CUDA in available:
+            log.info("device auto: Piper runs on the CPU, where its first audio is sooner (--device cuda for the GPU)")
         return False
-    if device == "cuda":
-        if CUDA not in available:
-            raise DeviceError(f"device 'cuda' requested but onnxruntime offers only {available} (install onnxruntime-gpu on a machine with a GPU)")
-        return True
-    if device == "auto":
-        return CUDA in available
-    raise DeviceError(f"unknown device {device!r}: use auto, cpu or cuda")
+    if CUDA not in available:
+        raise DeviceError(f"device 'cuda' requested but onnxruntime offers only {available} (install onnxruntime-gpu on a machine with a GPU)")
+    # onnxruntime-gpu links CUDA's libraries but does not ship them: this finds them in the nvidia-*
+    # pip packages (onnxruntime-gpu[cuda,cudnn], or torch's) before the system's, so a venv needs
+    # no system-wide CUDA toolkit; without them the session would not get the CUDA provider.
+    preload = getattr(onnxruntime, "preload_dlls", None)
+    if preload is not None:
+        preload()
+    return True
+
+
+CUDA_OPTIONS = {
+    # Every sentence, and every frame window, is a new input length. onnxruntime's default
+    # (EXHAUSTIVE) benchmarks cuDNN's convolution algorithms for each new shape: measured on an
+    # H200, that made frame streaming's first audio 0.6-1.4 s instead of ~20 ms.
+    "cudnn_conv_algo_search": "HEURISTIC",
+    # TF32 rounds convolution inputs to 10 bits of mantissa: windows then no longer decode like the
+    # whole sentence (max error 0.018 against 8e-6 on the CPU), and the durations can round to
+    # another frame count than the CPU's. Full float32 keeps the GPU's audio piper-tts's.
+    "use_tf32": "0",
+}
+
+
+def session_providers(use_cuda: bool) -> list[Any]:
+    """onnxruntime's ``providers`` argument for every session of a voice, on one device."""
+    return [(CUDA, CUDA_OPTIONS), "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
 
 
 class PiperEngine(Engine):
@@ -189,18 +217,13 @@ class PiperEngine(Engine):
         whole, self.durations_output = with_durations(self.model_path)
         self.voice = PiperVoice(
             config=PiperConfig.from_dict(json.loads(files.config.read_text(encoding="utf-8"))),
-            session=onnxruntime.InferenceSession(
-                whole, session_options(), providers=[(CUDA, {"cudnn_conv_algo_search": "HEURISTIC"})] if use_cuda else ["CPUExecutionProvider"]
-            ),
+            session=onnxruntime.InferenceSession(whole, session_options(), providers=session_providers(use_cuda)),
             espeak_data_dir=ESPEAK_DATA_DIR,
         )
         del whole
         providers = self.voice.session.get_providers()
-        if use_cuda and CUDA not in providers:
-            # onnxruntime falls back to CPU silently when CUDA fails to initialise.
-            if device == "cuda":
-                raise DeviceError(f"CUDA requested but the ONNX session got {providers}")
-            log.warning("CUDA was available but the session fell back to %s", providers)
+        if use_cuda and CUDA not in providers:  # onnxruntime falls back to the CPU silently
+            raise DeviceError(f"CUDA requested but the ONNX session got {providers}")
         log.info("Piper voice %s ready: providers %s, %d Hz", files.name, providers, files.sample_rate)
         self.files = files
         self.providers = providers
@@ -217,7 +240,7 @@ class PiperEngine(Engine):
         self.stream_mode = "sentence"
         if stream_mode != "sentence":
             try:
-                self.frames = FrameStreamer.load(files.model, providers, files.sample_rate)
+                self.frames = FrameStreamer.load(files.model, session_providers(CUDA in providers), files.sample_rate)
             except ValueError as exc:  # not a VITS graph we can cut
                 if stream_mode == "frames":
                     raise

@@ -37,7 +37,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 import onnxruntime
@@ -366,7 +366,7 @@ class FrameStreamer:
         return gain
 
     @classmethod
-    def load(cls, model: Path, providers: list[str], rate: int, cache: Path | None = None) -> "FrameStreamer":
+    def load(cls, model: Path, providers: Sequence[Any], rate: int, cache: Path | None = None) -> "FrameStreamer":
         split = split_model(model, cache)
         opts = session_options()
         front_graph, durations = with_durations(split.frontend)
