@@ -5,9 +5,13 @@
   and on ``cpu``. With tiny weights this checks the device path (model,
   latents and streaming on the GPU, through a real worker) rather than how
   fast real XTTS is.
-* Piper: the bundled voice on onnxruntime's CUDA provider, frame and sentence
-  streaming in-process, where onnxruntime-gpu is installed; otherwise the
-  result says which providers onnxruntime offers.
+* Piper: the bundled voice on onnxruntime's CUDA provider, where
+  onnxruntime-gpu is installed (otherwise the result says which providers
+  onnxruntime offers): the 47-word sentence by frames and by sentence
+  in-process on ``cuda`` and ``cpu``; whether the GPU's frame windows decode
+  like its whole sentence, and like the CPU's (same latents, noise off); and
+  a real ``engines.piper --device cuda`` worker behind a real broker, one per
+  stream mode, on the long sentence, a passage and a short line.
 
 Prints one JSON object and writes it to ``--out``.
 """

@@ -407,7 +407,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     worker_arguments(parser)
     parser.add_argument("--voice", default=DEFAULT_PIPER_VOICE, help="bundled voice name, voice-dir name, or path to a .onnx")
     parser.add_argument("--voice-dir", action="append", default=[], help="directory with NAME.onnx voices (repeatable)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto (default) is the CPU, where first audio is sooner (README, GPU); cuda needs onnxruntime-gpu")
     parser.add_argument(
         "--stream-mode", default="auto", choices=["auto", "frames", "sentence"],
         help="frames: first audio in constant time (split graph); sentence: one model run per sentence; auto: the faster here",
