@@ -175,7 +175,8 @@ def pick_device(device: str) -> bool:
 CUDA_OPTIONS = {
     # Every sentence, and every frame window, is a new input length. onnxruntime's default
     # (EXHAUSTIVE) benchmarks cuDNN's convolution algorithms for each new shape: measured on an
-    # H200, that made frame streaming's first audio 0.6-1.4 s instead of ~20 ms.
+    # H200, frame streaming's first audio was 0.6 s in one process and 1.4 s through the broker
+    # with it, 0.12 and 0.3 s with the heuristic (bench/results/gpu-h200-piper.json).
     "cudnn_conv_algo_search": "HEURISTIC",
     # TF32 rounds convolution inputs to 10 bits of mantissa: windows then no longer decode like the
     # whole sentence (max error 0.018 against 8e-6 on the CPU), and the durations can round to
