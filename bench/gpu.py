@@ -63,10 +63,9 @@ def piper_cuda(reps: int, log: Path | None = None, gpu: str = "cuda") -> dict[st
         for _ in range(reps):
             for mode, r in requests.items():
                 rows[mode].append(ttfa._in_process(lambda r=r: engine.speak(ttfa.LONG_SENTENCE, r), engine.native_rate))
-        out[device] = row = {"providers": engine.providers}
-        for mode, v in rows.items():
-            row[f"long_{mode}_ttfa_ms"] = round(statistics.median(t[0] for t in v) * 1000, 1)
-            row[f"long_{mode}_rtf"] = round(statistics.median(t[1] / t[2] for t in v), 4)
+        out[device] = {"providers": engine.providers}
+        for mode, r in rows.items():
+            out[device].update(_medians(f"long_{mode}", r))
 
     def diff(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
         n = min(len(a), len(b))
@@ -102,12 +101,18 @@ def _piper_cuda_broker(reps: int, log: Path | None, gpu: str) -> dict[str, Any]:
                 for _ in range(reps):
                     for case, text in texts.items():
                         rows[case].append(ttfa._through_broker(client, text))
-        out[mode] = row = {"workers": [w for svc in status["services"].values() for w in svc["workers"]]}
-        for case, v in rows.items():
-            row[f"{case}_ttfa_ms"] = round(statistics.median(t[0] for t in v) * 1000, 1)
-            row[f"{case}_rtf"] = round(statistics.median(t[1] / t[2] for t in v), 4)
-            row[f"{case}_ttfa_all_ms"] = [round(t[0] * 1000, 1) for t in v]
+        out[mode] = {"workers": [w for svc in status["services"].values() for w in svc["workers"]]}
+        for case, r in rows.items():
+            out[mode].update(_medians(case, r), **{f"{case}_ttfa_all_ms": [round(t[0] * 1000, 1) for t in r]})
     return out
+
+
+def _medians(prefix: str, rows: list[tuple[float, float, float]]) -> dict[str, float]:
+    """Median first audio (ms) and real-time factor of ``(ttfa s, total s, audio s)`` rows."""
+    return {
+        f"{prefix}_ttfa_ms": round(statistics.median(t[0] for t in rows) * 1000, 1),
+        f"{prefix}_rtf": round(statistics.median(t[1] / t[2] for t in rows), 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -241,7 +241,7 @@ class PiperEngine(Engine):
         self.stream_mode = "sentence"
         if stream_mode != "sentence":
             try:
-                self.frames = FrameStreamer.load(files.model, session_providers(CUDA in providers), files.sample_rate)
+                self.frames = FrameStreamer.load(files.model, session_providers(use_cuda), files.sample_rate)
             except ValueError as exc:  # not a VITS graph we can cut
                 if stream_mode == "frames":
                     raise
