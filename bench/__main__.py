@@ -53,7 +53,7 @@ GOALS = {
 
 
 GATEWAY_KEYS = ("wyoming_ttfa_ratio", "http_ttfa_ratio", "gateway_peer_short_ratio", "gateway_peer_long_ratio")
-GATEWAY_REPS = {True: 16, False: 20}
+GATEWAY_REPS = {True: 24, False: 32}
 """Repetitions of the gateways case, quick run or full: the same whether run alone or in the set."""
 
 

@@ -179,7 +179,7 @@ def _gateway_lines(g: dict[str, Any]) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"`wyoming_ttfa_ratio` **{g['wyoming_ttfa_ratio']}**, `http_ttfa_ratio` **{g['http_ttfa_ratio']}** (gateway ÷ ZeroMQ, passage; "
+        f"`wyoming_ttfa_ratio` **{g['wyoming_ttfa_ratio']}**, `http_ttfa_ratio` **{g['http_ttfa_ratio']}** (gateway ÷ ZeroMQ, passage, the median of the ratios within each rotation; "
         f"short line {g['wyoming_short_ttfa_ratio']} and {g['http_short_ttfa_ratio']}); our Wyoming gateway ÷ wyoming-piper: "
         f"short **{g['gateway_peer_short_ratio']}**, 47-word sentence **{g['gateway_peer_long_ratio']}**.",
         "",
