@@ -104,7 +104,6 @@ def run(reps: int = 10) -> dict[str, Any]:
             http_gw.close()
 
     out: dict[str, Any] = {"voice": VOICE, "reps": reps, "first_ms": {case: {side: _summary(h) for side, h in by.items()} for case, by in rows.items()}}
-    f = out["first_ms"]
 
     def ratio(case: str, a: str, b: str) -> float:
         return round(statistics.median(x.first / y.first for x, y in zip(rows[case][a], rows[case][b])), 3)
