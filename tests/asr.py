@@ -63,7 +63,7 @@ def _words(text: str) -> int:
 
 HEARD_WORDS = 96
 """Words heard over piper-tts's syntheses of one text: twelve runs of an eight-word sentence,
-five (:data:`LEAST_RUNS`) of a long story. Measured on the suite's sentence, twelve syntheses by each
+eight (:data:`LEAST_RUNS`) of a long story. Measured on the suite's sentence, twelve syntheses by each
 path (piper-tts's own, our sentence mode, our frame mode) are heard alike: 0.75-1.00 of the
 words, means 0.91/0.89/0.89 ("follow me" is often heard as "call me", whoever speaks). With
 three runs of that sentence, piper-tts's were sometimes all 1.00 by chance, and one draw of

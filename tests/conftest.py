@@ -25,7 +25,7 @@ STORY = " ".join(
     for i in range(1, 9)
 )
 """Eight sentences, ~45 s of speech and ~3 s of synthesis: long enough to kill or stop the serving
-worker mid-stream, short enough that hearing it (~7 s of PocketSphinx per draw, five draws of
+worker mid-stream, short enough that hearing it (~7 s of PocketSphinx per draw, eight draws of
 piper-tts's for the bar, shared by every test that uses it) stays well inside a test's timeout.
 Three times as long, the first test to need its bar ran past 300 s in CI."""
 
