@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 import numpy as np
 import onnxruntime
 
-from engines.schedule import UNPACED, Pacing
+from engines.schedule import SLACK, UNPACED, Pacing
 from models.registry import cache_dir, file_digest
 
 log = logging.getLogger("engines.vits_split")
@@ -514,8 +514,12 @@ class FrameStreamer:
             return self.schedule[0]
         # A first window's audio must last while the jobs not yet started start (they go first)
         # and its own next window is decoded (four passages at once ran dry right after their
-        # first windows when it did not).
-        wait = (pacing.starting() * pacing.start_cost() + self.frame_cost_s * (later + 2 * self.margin)) / SUSTAIN
+        # first windows when it did not), with SLACK: both costs are moving averages, and this
+        # machine runs a stretch of seconds at 1.4 times its usual time now and then (a numpy
+        # loop alone: 60 ms a pass, 85 ms in such a stretch). Four passages at once, 8 loads a
+        # run: without it 10, 2, 17 and 22 underruns in the runs that met such a stretch; with
+        # it 0, 0, 0 and 1, the four first audios ~30 ms later (p90 216 -> 299 ms, slow stretch).
+        wait = SLACK * (pacing.starting() * pacing.start_cost() + self.frame_cost_s * (later + 2 * self.margin)) / SUSTAIN
         return max(self.schedule[0], math.ceil(wait * self.rate / HOP))
 
     def _sustainable(self, jobs: int) -> int:

@@ -313,7 +313,8 @@ class _Paced:
 
 
 def test_windows_grow_with_the_audio_in_hand_and_shrink_for_the_others() -> None:
-    from engines.vits_split import HOP, SCHEDULE, FrameStreamer
+    from engines.schedule import SLACK
+    from engines.vits_split import HOP, SCHEDULE, SUSTAIN, FrameStreamer
 
     MARGIN = 11
     streamer = FrameStreamer(None, None, None, [], "z", None, margin=MARGIN, flow_margin=30)  # type: ignore[arg-type]  # windows() needs no graph
@@ -328,9 +329,10 @@ def test_windows_grow_with_the_audio_in_hand_and_shrink_for_the_others() -> None
     crowded = list(streamer.windows(total, _Paced(own=10.0, others=0.08)))  # another listener has 0.16 s
     assert all(e - s <= max(SCHEDULE[1], 80 - 2 * MARGIN) for s, e in crowded[1:-1])
     shared = list(streamer.windows(total, _Paced(own=0.0, others=float("inf"), sharing=3)))
-    # Its first audio must last while the two others start and its own next window is decoded.
+    # Its first audio must last while the two others start and its own next window is decoded,
+    # with slack for a machine that runs slower for a while than its costs' averages say.
     first_audio_s = shared[0][1] * HOP / streamer.rate
-    assert first_audio_s >= 2 * 0.05 + streamer.frame_cost_s * (shared[1][1] - shared[1][0] + 2 * MARGIN)
+    assert first_audio_s >= SLACK * (2 * 0.05 + streamer.frame_cost_s * (shared[1][1] - shared[1][0] + 2 * MARGIN)) / SUSTAIN
     assert shared[0][1] > alone[0][1]
     # Four listeners with little audio in hand: no later window so small that four of them, margins
     # paid, take longer to decode than the audio they add lasts.
