@@ -243,7 +243,7 @@ def _security_rows(results: dict[str, Any]) -> list[str]:
     if not sec:
         return []
     return [
-        "## CURVE and metrics (µs per round trip through the broker, interleaved)",
+        "## CURVE and metrics (µs per round trip through the broker, interleaved; all sets pooled)",
         "",
         "| broker | p50 | p90 | p99 |",
         "|---|---|---|---|",
@@ -251,7 +251,8 @@ def _security_rows(results: dict[str, Any]) -> list[str]:
         "",
         f"`curve_overhead_ratio` = **{sec['curve_overhead_ratio']}** (p99 {sec['curve_overhead_ratio_p99']}), "
         f"`metrics_overhead_ratio` = **{sec['metrics_overhead_ratio']}** (p99 {sec['metrics_overhead_ratio_p99']}); "
-        f"a second plain broker ÷ the first (the run's noise floor): {sec.get('control_ratio', '—')}.",
+        f"a second plain broker ÷ the first (the run's noise floor): {sec.get('control_ratio', '—')}. "
+        f"Each ratio is the median over {sec.get('sets', 1)} sets of fresh processes of that set's p50 ratio.",
         "",
     ]
 

@@ -14,9 +14,10 @@ def test_relay_benchmark_measures_every_path() -> None:
 
 def test_security_benchmark_measures_plain_curve_metrics_and_control_brokers() -> None:
     """A round trip through the CURVE broker also proves its client and engine authenticated."""
-    r = relay.run_security(rounds=1, per_round=20, warmup=5)
+    r = relay.run_security(sets=2, rounds=1, per_round=20, warmup=5)
     assert set(r["paths"]) == {"plain", "curve", "metrics", "control"}
-    assert all(v["count"] == 20 and v["p50"] > 0 for v in r["paths"].values())
+    assert all(v["count"] == 40 and v["p50"] > 0 for v in r["paths"].values())  # both sets pooled
+    assert len(r["set_p50s"]) == 2 and all(set(s) == set(r["paths"]) for s in r["set_p50s"])
     assert r["curve_overhead_ratio"] > 0 and r["metrics_overhead_ratio"] > 0 and r["control_ratio"] > 0
 
 
