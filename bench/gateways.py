@@ -22,11 +22,11 @@ wyoming-piper on "Halt! Who goes there?" and on the 47-word sentence.
 Each ratio is the median, over the repetitions, of the two sides' ratio within one rotation
 (requests a second or two apart), as ``timings_ttfa_ratio`` is (bench/ttfa.py); the p50s are
 kept as context. This machine's first audio is bimodal over a run: stretches where the passage
-takes ~31 ms and stretches where it takes ~45 ms, whoever asks (a loop of numpy matrix products
-alone shows the same: 60 ms a pass, with stretches of ~10 s at 85 ms). A p50 sits between the two, so
-a side that drew two more slow stretches than another moved it by 10 ms: in one 40-repetition
-run, the p50s gave the HTTP gateway 1.176 and the paired ratios 1.038 (Wyoming 1.118 and 1.031),
-while within the fast stretches the gateways cost 1-2 ms.
+takes ~31 ms and stretches where it takes ~45 ms, whoever asks (a loop of numpy matrix
+products alone shows the same: 60 ms a pass, with stretches of ~10 s at 85 ms). A p50 sits
+between the two, so a side that drew two more slow stretches than another moved it by 10 ms:
+in one 40-repetition run, the p50s gave the HTTP gateway 1.176 and the paired ratios 1.038
+(Wyoming 1.118 and 1.031), while within the fast stretches the gateways cost 1-2 ms.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ ratios say nothing. Each is the median over sets of fresh processes of that set'
 ratio, CURVE and metrics over the mean of both plain brokers: with one set for a
 whole run, each pair of broker and engine processes kept its own placement and luck
 from start to end, and the control read 0.74-1.53 over 18 runs on the 2-core VM
-(CURVE 1.044 and 1.17 in two quick runs). In sets, the control reads 0.997-1.033.
+(CURVE 1.044 and 1.17 in two quick runs). In sets, it read 0.98-1.07 over six runs.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -41,6 +41,19 @@ from .common import cdf, endpoint, histogram, processes, summary
 
 PATHS = ("direct", "relay", "proxy", "broker")
 REQUEST = json.dumps({"text": "Hello there."}).encode()
+
+
+def _clients(endpoints: dict[str, str], prepare: Callable[[str, zmq.Socket], None] = lambda p, sock: None) -> dict[str, zmq.Socket]:
+    """A connected client socket per path (``prepare`` sets a path's options before it connects)."""
+    ctx = zmq.Context.instance()
+    socks = {}
+    for p, ep in endpoints.items():
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        prepare(p, sock)
+        sock.connect(ep)
+        socks[p] = sock
+    return socks
 
 
 def _round_trip(sock: zmq.Socket, service: bytes, rid: bytes) -> int:
@@ -88,13 +101,7 @@ def run(rounds: int = 10, per_round: int = 300, warmup: int = 200) -> dict[str, 
         ["-m", "bench.peers", "engine", "--backend", ep["broker"][1]],
     ]
     with processes(*argvs):
-        ctx = zmq.Context.instance()
-        socks = {}
-        for p in PATHS:
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(ep[p][0])
-            socks[p] = s
+        socks = _clients({p: ep[p][0] for p in PATHS})
         time.sleep(1.0)  # let every peer bind, connect and register
         hists = _interleaved(socks, rounds, per_round, warmup)
     result = {p: summary(h) for p, h in hists.items()}
@@ -113,8 +120,9 @@ SECURITY_PATHS = ("plain", "curve", "metrics", "control")
 def run_security(sets: int = 8, rounds: int = 1, per_round: int = 300, warmup: int = 200) -> dict[str, Any]:
     """The broker round trip plain, with CURVE, with metrics on and plain again, interleaved, in
     ``sets`` sets of fresh processes: each ratio is the median over the sets of that set's p50
-    ratio (CURVE and metrics over the mean of the two plain brokers). One set of processes kept for a whole run carried its placement and luck from
-    start to end: two identical plain brokers read 0.74-1.53 of each other over 18 such runs."""
+    ratio (CURVE and metrics over the mean of the two plain brokers). One set of processes kept
+    for a whole run carried its placement and luck from start to end: two identical plain
+    brokers read 0.74-1.53 of each other over 18 such runs."""
     import zmq.auth
 
     hists = {p: histogram() for p in SECURITY_PATHS}
@@ -174,14 +182,7 @@ def _security_set(d: Path, rounds: int, per_round: int, warmup: int) -> dict[str
             engine += ["--curve-key", str(d / "workers" / "engine.key_secret"), "--broker-key", str(d / "broker.key")]
         argvs.append(engine)
     with processes(*argvs):
-        ctx = zmq.Context.instance()
-        socks = {}
-        for p in SECURITY_PATHS:
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            if p == "curve":
-                secure_connect(s, connecting_keys(d / "clients" / "bench.key_secret", d / "broker.key"))
-            s.connect(ep[p][0])
-            socks[p] = s
+        keys = {"curve": connecting_keys(d / "clients" / "bench.key_secret", d / "broker.key")}
+        socks = _clients({p: ep[p][0] for p in SECURITY_PATHS}, lambda p, sock: secure_connect(sock, keys.get(p)))
         time.sleep(1.5)  # let every broker bind and its engine register (CURVE handshakes included)
         return _interleaved(socks, rounds, per_round, warmup)
