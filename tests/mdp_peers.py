@@ -7,6 +7,7 @@ nothing here imports the project's framing code.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 import time
@@ -70,6 +71,13 @@ class RawClient:
         self.streams[rid] = RawStream()
         self.send(service, rid, raw)
         return self.streams[rid]
+
+    def whole(self, obj: object) -> RawStream:
+        """One more request of ``obj`` under a fresh id, waited to its end (an intelligibility
+        check's second draw)."""
+        s = self.request(os.urandom(6).hex().encode(), obj)
+        self.wait(s)
+        return s
 
     def cancel(self, rid: bytes) -> None:
         self.send(b"tts.cancel", rid)

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import pytest
@@ -142,12 +142,15 @@ def wait_log(s: Served, text: str, count: int = 1, timeout: float = 30) -> None:
 
 
 def test_authenticated_client_gets_real_speech_and_status_names_the_worker_certificate(secure: Served, keydirs: KeyDirs) -> None:
+    def f32(stream: Iterable[object]) -> np.ndarray:
+        return np.frombuffer(b"".join(e.pcm for e in stream if isinstance(e, Audio)), dtype="<f4")
+
     with TtsClient(secure.frontend, curve_key=keydirs.secret("c1"), broker_key=keydirs.broker_public, timeout=60) as client:
         stream = client.speak(SENTENCE, format="f32le", sample_rate=16000)
-        pcm = b"".join(e.pcm for e in stream if isinstance(e, Audio))
+        audio = f32(stream)
         st = client.status()
-    assert stream.end is not None and stream.start is not None
-    assert_heard_like_piper(SENTENCE, np.frombuffer(pcm, dtype="<f4"), 16000)
+        assert stream.end is not None and stream.start is not None
+        assert_heard_like_piper(SENTENCE, audio, 16000, again=lambda: f32(client.speak(SENTENCE, format="f32le", sample_rate=16000)))
     [worker] = st["services"][SERVICE]["workers"]
     assert worker["certificate"] == "serve-local"  # serve's own key pair for its children
 
