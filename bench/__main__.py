@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return results[name]
 
     step("relay", lambda: relay.run(rounds=5 if q else 20, per_round=300))
-    step("security", lambda: relay.run_security(sets=12 if q else 32, rounds=1, per_round=300))
+    step("security", lambda: relay.run_security(sets=24 if q else 32, rounds=1, per_round=300))
     step("ttfa_piper", lambda: ttfa.run_piper(reps=15 if q else 40))
     step("piper_modes", lambda: ttfa.run_piper_modes(reps=10 if q else 25))
     step("timings", lambda: ttfa.run_timings(reps=12 if q else 25))

@@ -26,7 +26,6 @@ def s16(pcm: bytes) -> np.ndarray:
 MODES = pytest.mark.parametrize("mode", ["frames", "sentence"])
 
 
-
 @MODES
 def test_english_speech_is_intelligible_with_stream_invariants(client: RawClient, mode: str) -> None:
     s = client.request(f"r1-{mode}".encode(), {"text": SENTENCE, "stream": mode})
