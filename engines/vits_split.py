@@ -238,7 +238,7 @@ def optimised_model(model: Path, cache: Path | None = None) -> Path:
     return whole if json.loads(meta.read_text())["rewritten"] else model
 
 
-def session_options() -> onnxruntime.SessionOptions:
+def session_options(spinning: bool = True) -> onnxruntime.SessionOptions:
     """Options for every session of a Piper worker (the whole voice and the three parts of the split).
 
     Memory patterns are off. With them onnxruntime plans each run's tensors as one block per
@@ -249,20 +249,23 @@ def session_options() -> onnxruntime.SessionOptions:
     it has served and stays there (``python -m bench.soak``; README, "Memory over time"), and
     runs take the same time (measured interleaved in one process, 2 cores).
 
-    The intra-op pool's threads spin between the parallel parts of a run, and stop spinning as
-    soon as the run returns (``session.force_spinning_stop``). Woken from sleep instead, as each
-    of a graph's hundreds of nodes needs them, a passage's windows took 13 % longer (one process,
-    interleaved); spinning on after each run, as by default, they held the cores that the broker
-    and client need to relay the audio just made (first window 20 ms instead of 11, a first
-    chunk's transit 3-4 ms instead of 1.3). The price: two runs at once (a new line starting
-    while another's window is decoded) share the cores less well. In one side-by-side run each
-    (``bench/peer.py``), against no spinning in the split's sessions: four passages at once
-    1.11x wyoming-piper's wall time instead of 1.22x, CPU per passage 1.11x instead of 1.04x.
+    With ``spinning``, the intra-op pool's threads spin between the parallel parts of a run, and
+    stop as soon as the run returns (``session.force_spinning_stop``): what a run on the way to a
+    first audio wants. Woken from sleep instead, as each of a graph's hundreds of nodes needs
+    them, a line's first window comes later (every session without spinning, served, 12
+    interleaved pairs: first audio 1.06x for the 47-word sentence, 1.12x for the passage; four
+    passages at once, 7 underrun chunks against 2). But a spinning thread burns its core while
+    the other runs a node's serial part: with audio in hand, the same windows cost less CPU
+    without it, in the same wall time. So the split has both sets (:class:`Parts`): spinning
+    for first audio, sleeping for the rest. Against spinning everywhere, three served A/B runs
+    of 12-16 interleaved pairs: CPU per passage 0.926x, 0.932x, 0.928x; last audio 0.997x,
+    0.996x, 1.024x; first audio unchanged; the second set costs ~30 MB of RSS idle, ~100 busy.
     """
     opts = onnxruntime.SessionOptions()
     opts.enable_mem_pattern = False
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if spinning:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     return opts
 
 
@@ -328,13 +331,24 @@ class Flowed:
         """Latent frames of ``z`` computed so far, from the first."""
 
 
-@dataclass
-class FrameStreamer:
-    """Runs a split voice: the frontend once per sentence, flow and vocoder window by window."""
+@dataclass(frozen=True)
+class Parts:
+    """The split's three sessions, built with one set of options (:func:`session_options`)."""
 
     frontend: onnxruntime.InferenceSession
     flow: onnxruntime.InferenceSession
     vocoder: onnxruntime.InferenceSession
+
+
+@dataclass
+class FrameStreamer:
+    """Runs a split voice: the frontend once per sentence, flow and vocoder window by window."""
+
+    fast: Parts
+    """Sessions for runs on the way to a first audio (``Pacing.waiting``): threads spinning."""
+    lean: Parts
+    """Sessions for runs with audio in hand: threads sleeping when idle (less CPU, same wall time
+    on large windows). The same as ``fast`` on a GPU, whose runs do not spin the CPU's threads."""
     seam: list[str]
     """The frontend's outputs (:attr:`Split.seam`)."""
     z: str
@@ -368,16 +382,22 @@ class FrameStreamer:
     @classmethod
     def load(cls, model: Path, providers: Sequence[Any], rate: int, cache: Path | None = None) -> "FrameStreamer":
         split = split_model(model, cache)
-        opts = session_options()
         front_graph, durations = with_durations(split.frontend)
 
-        def session(graph: bytes | str | Path) -> onnxruntime.InferenceSession:
-            return onnxruntime.InferenceSession(graph if isinstance(graph, bytes) else str(graph), opts, providers=providers)
+        def parts(spinning: bool) -> Parts:
+            opts = session_options(spinning)
+            return Parts(
+                *(
+                    onnxruntime.InferenceSession(graph if isinstance(graph, bytes) else str(graph), opts, providers=providers)
+                    for graph in (front_graph, split.flow, split.vocoder)
+                )
+            )
 
+        fast = parts(spinning=True)
+        on_gpu = any((p[0] if isinstance(p, tuple) else p) != "CPUExecutionProvider" for p in providers)
         return cls(
-            session(front_graph),
-            session(split.flow),
-            session(split.vocoder),
+            fast,
+            fast if on_gpu else parts(spinning=False),
             split.seam,
             split.z,
             split.frontend.parent,
@@ -402,7 +422,8 @@ class FrameStreamer:
         names = [*self.seam, *([self.durations] if durations and self.durations else [])]
         ids = int(feeds["input"].shape[-1])
         t0 = time.perf_counter()
-        outs = _interruptibly(pacing, self.front_cost_s * ids, lambda options: self.frontend.run(names, feeds, options))
+        frontend = self.parts(pacing).frontend
+        outs = _interruptibly(pacing, self.front_cost_s * ids, lambda options: frontend.run(names, feeds, options))
         if outs is None:
             return None
         self.front_cost_s += 0.25 * ((time.perf_counter() - t0) / ids - self.front_cost_s)
@@ -411,8 +432,13 @@ class FrameStreamer:
     def run_small(self, feeds: dict[str, np.ndarray], options: onnxruntime.RunOptions) -> None:
         """Every part on a short input with ``options``: what an idle worker runs to shrink
         their arenas (``PiperEngine.release_memory``)."""
-        latents = dict(zip(self.seam, self.frontend.run(self.seam, feeds, options)))
-        self.decode(latents, 0, self.frames(latents), options=options)
+        for parts in {id(p): p for p in (self.fast, self.lean)}.values():
+            latents = dict(zip(self.seam, parts.frontend.run(self.seam, feeds, options)))
+            self._decode(parts, latents, 0, self.frames(latents), Flowed(), options)
+
+    def parts(self, pacing: Pacing) -> Parts:
+        """The sessions for a run of this job now: :attr:`fast` while its listener waits."""
+        return self.fast if pacing.waiting() else self.lean
 
     def frames(self, latents: dict[str, np.ndarray]) -> int:
         return int(max(v.shape[-1] for v in latents.values()))
@@ -429,18 +455,10 @@ class FrameStreamer:
         """Audio of latent frames ``[start, end)``, decoded with margins that are then dropped;
         None if ``pacing.interrupt()`` cut the run short. ``flowed`` carries the flow's output
         from one window of a sentence to the next."""
-        total = self.frames(latents)
-        lo, hi = max(0, start - self.margin), min(total, end + self.margin)
-        flowed = flowed or Flowed()
+        parts, flowed = self.parts(pacing), flowed or Flowed()
+        lo, hi = max(0, start - self.margin), min(self.frames(latents), end + self.margin)
         t0 = time.perf_counter()
-
-        def vocode(options: onnxruntime.RunOptions) -> np.ndarray:
-            z = self._flow(latents, flowed, hi, options)
-            feeds = {k: v for k, v in latents.items() if k in self._vocoder_inputs}
-            feeds[self.z] = z[..., lo:hi]
-            return self.vocoder.run(None, feeds, options)[0].reshape(-1)
-
-        audio = _interruptibly(pacing, self.frame_cost_s * (hi - lo), vocode, options)
+        audio = _interruptibly(pacing, self.frame_cost_s * (hi - lo), lambda opts: self._decode(parts, latents, lo, hi, flowed, opts), options)
         if audio is None:
             return None
         # A moving average of the wall time per decoded frame, as this machine runs it now
@@ -448,20 +466,29 @@ class FrameStreamer:
         self.frame_cost_s += 0.25 * ((time.perf_counter() - t0) / (hi - lo) - self.frame_cost_s)
         return audio[(start - lo) * HOP : (end - lo) * HOP]
 
+    def _decode(
+        self, parts: Parts, latents: dict[str, np.ndarray], lo: int, hi: int, flowed: Flowed, options: onnxruntime.RunOptions
+    ) -> np.ndarray:
+        """Audio of latent frames ``[lo, hi)``, margins included."""
+        z = self._flow(parts, latents, flowed, hi, options)
+        feeds = {k: v for k, v in latents.items() if k in self._vocoder_inputs}
+        feeds[self.z] = z[..., lo:hi]
+        return parts.vocoder.run(None, feeds, options)[0].reshape(-1)
+
     @functools.cached_property
     def _vocoder_inputs(self) -> set[str]:
         """The inputs the vocoder reads (z, and a speaker's embedding where it has one): asked of
         its session once, not at every window."""
-        return {i.name for i in self.vocoder.get_inputs()}
+        return {i.name for i in self.fast.vocoder.get_inputs()}
 
-    def _flow(self, latents: dict[str, np.ndarray], flowed: Flowed, end: int, options: onnxruntime.RunOptions) -> np.ndarray:
+    def _flow(self, parts: Parts, latents: dict[str, np.ndarray], flowed: Flowed, end: int, options: onnxruntime.RunOptions) -> np.ndarray:
         """``z`` from the first latent frame up to ``end`` at least: the frames not flowed yet,
         with the flow's margins."""
         if flowed.ready < end:
             total = self.frames(latents)
             lo, hi = max(0, flowed.ready - self.flow_margin), min(total, end + self.flow_margin)
             feeds = {k: v[..., lo:hi] if v.shape[-1] == total else v for k, v in latents.items()}
-            z = self.flow.run([self.z], feeds, options)[0][..., flowed.ready - lo : end - lo]
+            z = parts.flow.run([self.z], feeds, options)[0][..., flowed.ready - lo : end - lo]
             flowed.z = z if flowed.z is None else np.concatenate([flowed.z, z], axis=-1)
             flowed.ready = end
         assert flowed.z is not None

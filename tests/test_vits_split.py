@@ -137,6 +137,24 @@ def test_windows_spend_little_decoding_margins(voice: PiperVoice, streamer: Fram
     assert decoded <= 1.1 * total, (windows, decoded / total)
 
 
+def test_first_audio_runs_on_spinning_sessions_and_the_rest_on_lean_ones(voice: PiperVoice, streamer: FrameStreamer) -> None:
+    """While a listener waits, runs use the sessions whose threads spin (first audio sooner); once
+    it has audio, the lean ones (less CPU). Both sets decode the same windows alike."""
+    assert streamer.fast is not streamer.lean and all(
+        getattr(streamer.lean, part) is not getattr(streamer.fast, part) for part in ("frontend", "flow", "vocoder")
+    )
+    playback = Playback(arrived=time.monotonic())
+    pacing = Pacing(playback, lambda: ())
+    assert streamer.parts(pacing) is streamer.fast
+    playback.sent(0.1, time.monotonic())
+    assert streamer.parts(pacing) is streamer.lean
+    latents = streamer.latents(_feeds(voice, LONG, noise=1.0))
+    whole = streamer.decode(latents, 0, streamer.frames(latents))
+    waiting = Pacing(Playback(arrived=time.monotonic()), lambda: ())  # never sent: every window on the fast set
+    fast = streamer.decode(latents, 0, streamer.frames(latents), waiting)
+    assert whole is not None and fast is not None and np.abs(fast - whole).max() < 1e-5
+
+
 def test_split_graph_equals_the_original_voice_without_noise(voice: PiperVoice, streamer: FrameStreamer) -> None:
     feeds = _feeds(voice, LONG, noise=0.0)  # deterministic: both paths then compute the same function
     original = voice.session.run(None, feeds)[0].reshape(-1)

@@ -317,7 +317,7 @@ def test_windows_grow_with_the_audio_in_hand_and_shrink_for_the_others() -> None
     from engines.vits_split import HOP, SCHEDULE, SUSTAIN, FrameStreamer
 
     MARGIN = 11
-    streamer = FrameStreamer(None, None, None, [], "z", None, margin=MARGIN, flow_margin=30)  # type: ignore[arg-type]  # windows() needs no graph
+    streamer = FrameStreamer(None, None, [], "z", None, margin=MARGIN, flow_margin=30)  # type: ignore[arg-type]  # windows() needs no graph
     streamer.frame_cost_s = 0.001
     total = 1000
     alone = list(streamer.windows(total))  # no listener to pace for: the fixed schedule
