@@ -256,10 +256,12 @@ def session_options(spinning: bool = True) -> onnxruntime.SessionOptions:
     interleaved pairs: first audio 1.06x for the 47-word sentence, 1.12x for the passage; four
     passages at once, 7 underrun chunks against 2). But a spinning thread burns its core while
     the other runs a node's serial part: with audio in hand, the same windows cost less CPU
-    without it, in the same wall time. So the split has both sets (:class:`Parts`): spinning
-    for first audio, sleeping for the rest. Against spinning everywhere, three served A/B runs
-    of 12-16 interleaved pairs: CPU per passage 0.926x, 0.932x, 0.928x; last audio 0.997x,
-    0.996x, 1.024x; first audio unchanged; the second set costs ~30 MB of RSS idle, ~100 busy.
+    without it, in the same wall time. So the split has both sets (:class:`Parts`, chosen by
+    :meth:`FrameStreamer.parts`): spinning for first audio, sleeping for a lone stream's rest.
+    Against spinning everywhere, three served A/B runs of 12-16 interleaved pairs: CPU per
+    passage 0.926x, 0.932x, 0.928x; last audio 0.997x, 0.996x, 1.024x; first audio unchanged
+    (the noise of such a run: ±5 % on last audio, ±15 % on first audio between identical
+    arms). The second set costs ~30 MB of RSS idle, ~100 MB busy.
     """
     opts = onnxruntime.SessionOptions()
     opts.enable_mem_pattern = False
@@ -437,8 +439,11 @@ class FrameStreamer:
             self._decode(parts, latents, 0, self.frames(latents), Flowed(), options)
 
     def parts(self, pacing: Pacing) -> Parts:
-        """The sessions for a run of this job now: :attr:`fast` while its listener waits."""
-        return self.fast if pacing.waiting() else self.lean
+        """The sessions for a run of this job now: :attr:`fast` while its listener waits, or while
+        other jobs take turns with it (their runs may overlap this one: a pool that sleeps loses
+        the cores to one that spins, and the table scene's narration, run lean beside its NPC
+        lines' spinning first windows, ended 3-8 % later in four A/B runs out of four)."""
+        return self.fast if pacing.waiting() or pacing.sharing() > 1 else self.lean
 
     def frames(self, latents: dict[str, np.ndarray]) -> int:
         return int(max(v.shape[-1] for v in latents.values()))

@@ -139,15 +139,24 @@ def test_windows_spend_little_decoding_margins(voice: PiperVoice, streamer: Fram
 
 def test_first_audio_runs_on_spinning_sessions_and_the_rest_on_lean_ones(voice: PiperVoice, streamer: FrameStreamer) -> None:
     """While a listener waits, runs use the sessions whose threads spin (first audio sooner); once
-    it has audio, the lean ones (less CPU). Both sets decode the same windows alike."""
+    it has audio, the lean ones (less CPU), unless other jobs take turns with it (their spinning
+    runs would take the cores from a sleeping pool). Both sets decode the same windows alike."""
     assert streamer.fast is not streamer.lean and all(
         getattr(streamer.lean, part) is not getattr(streamer.fast, part) for part in ("frontend", "flow", "vocoder")
     )
+
+    class Job:
+        def __init__(self, playback: Playback) -> None:
+            self.playback = playback
+
     playback = Playback(arrived=time.monotonic())
-    pacing = Pacing(playback, lambda: ())
+    jobs = [Job(playback)]
+    pacing = Pacing(playback, lambda: jobs)
     assert streamer.parts(pacing) is streamer.fast
     playback.sent(0.1, time.monotonic())
     assert streamer.parts(pacing) is streamer.lean
+    jobs.append(Job(Playback(arrived=time.monotonic())))
+    assert streamer.parts(pacing) is streamer.fast
     latents = streamer.latents(_feeds(voice, LONG, noise=1.0))
     whole = streamer.decode(latents, 0, streamer.frames(latents))
     waiting = Pacing(Playback(arrived=time.monotonic()), lambda: ())  # never sent: every window on the fast set
