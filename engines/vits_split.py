@@ -347,10 +347,11 @@ class FrameStreamer:
     """Runs a split voice: the frontend once per sentence, flow and vocoder window by window."""
 
     fast: Parts
-    """Sessions for runs on the way to a first audio (``Pacing.waiting``): threads spinning."""
+    """Sessions whose threads spin: for runs on the way to a first audio, and with other jobs
+    taking turns (:meth:`parts`)."""
     lean: Parts
-    """Sessions for runs with audio in hand: threads sleeping when idle (less CPU, same wall time
-    on large windows). The same as ``fast`` on a GPU, whose runs do not spin the CPU's threads."""
+    """Sessions whose threads sleep when idle: for a lone stream's runs with audio in hand (less
+    CPU, same wall time). The same as ``fast`` on a GPU, whose runs do not spin the CPU's threads."""
     seam: list[str]
     """The frontend's outputs (:attr:`Split.seam`)."""
     z: str
