@@ -131,7 +131,15 @@ class Pacing:
         for the pieces the others take meanwhile. (Bounding it by the listener with least
         audio instead kept every window minimal, and the margins then cost more than the
         four streams of the benchmark could afford.)"""
-        return self._share * self._playback.lead(time.monotonic()) / self.sharing()
+        return self.budget_for(self.lead())
+
+    def budget_for(self, lead: float) -> float:
+        """:meth:`budget` were this listener to have ``lead`` seconds of audio in hand."""
+        return self._share * lead / self.sharing()
+
+    def lead(self) -> float:
+        """Seconds of audio this listener has in hand now."""
+        return self._playback.lead(time.monotonic())
 
     def others_budget(self) -> float:
         """Seconds a piece of this job may take without another job's listener running out

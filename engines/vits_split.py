@@ -56,6 +56,9 @@ decodes 1.07× its frames through the vocoder (1.5× with (8, 24, 64, 128, 256) 
 margin around flow and vocoder together; 1.2× with this schedule and that margin)."""
 MERGE = 0.5
 """A remainder shorter than this fraction of the next window is decoded with the current one."""
+FIRST_MAX = 24
+"""Latent frames (279 ms of audio) up to which a lone line's first window grows so that its
+second window can finish the sentence (:meth:`FrameStreamer._first_alone`)."""
 SUSTAIN = 0.75
 """Part of the decoder's time that windows may spend keeping listeners fed; the rest is left for
 each sentence's frontend, the relay and the noise of a shared machine."""
@@ -525,9 +528,11 @@ class FrameStreamer:
             size = self.schedule[min(step, len(self.schedule) - 1)]
             if pacing.paced:
                 size = max(size, self._frames_for(pacing.budget()))
+                if step == 1 and pacing.sharing() == 1 and SLACK * self.frame_cost_s * (total - start + self.margin) <= pacing.lead():
+                    size = total - start  # the rest at once: what a first window grown for it planned
                 # …but not so large that another listener runs out meanwhile, down to a floor
                 # that still gains audio faster than the margins cost when several take turns.
-                size = max(self._floor(step, pacing), min(size, self._frames_for(pacing.others_budget())))
+                size = max(self._floor(step, total, pacing), min(size, self._frames_for(pacing.others_budget())))
                 # No larger than the schedule's largest: onnxruntime's arena grows to the largest
                 # window it has decoded and keeps it (issue 11), ~150 MB more for whole sentences.
                 size = min(size, self.schedule[-1])
@@ -537,14 +542,14 @@ class FrameStreamer:
             yield start, end
             start, step = end, step + 1
 
-    def _floor(self, step: int, pacing: Pacing) -> int:
+    def _floor(self, step: int, total: int, pacing: Pacing) -> int:
         """The smallest window worth decoding now, whoever else is waiting."""
         jobs = pacing.sharing()
         later = max(self.schedule[1], self._sustainable(jobs))
         if step > 0:
             return later
         if jobs == 1:
-            return self.schedule[0]
+            return self._first_alone(total, pacing)
         # A first window's audio must last while the jobs not yet started start (they go first)
         # and its own next window is decoded (four passages at once ran dry right after their
         # first windows when it did not), with SLACK: both costs are moving averages, and this
@@ -554,6 +559,21 @@ class FrameStreamer:
         # it 0, 0, 0 and 1, the four first audios ~30 ms later (p90 216 -> 299 ms, slow stretch).
         wait = SLACK * (pacing.starting() * pacing.start_cost() + self.frame_cost_s * (later + 2 * self.margin)) / SUSTAIN
         return max(self.schedule[0], math.ceil(wait * self.rate / HOP))
+
+    def _first_alone(self, total: int, pacing: Pacing) -> int:
+        """A lone line's first window: the schedule's first, for first audio, unless a few frames
+        more (up to :data:`FIRST_MAX`) make its audio last while the second window, sized by the
+        budget that audio gives, decodes all the rest of the sentence: one seam of margins
+        instead of two. The side-by-side passage's first sentence (264 frames) then goes in ~20
+        and the rest instead of 8, 32 and the rest: in one process, three runs of 20-30
+        interleaved pairs, CPU per passage 0.971x, 0.967x, 0.970x, last audio 0.97x, 0.964x,
+        0.954x, first audio +2.6 to +6.6 ms. A long sentence, whose rest takes several windows
+        whatever the first, keeps the smallest; so does a short one, whose second window
+        finishes it anyway."""
+        first = self.schedule[0]
+        rest = total + 2 * self.margin - MERGE * self.schedule[min(2, len(self.schedule) - 1)]
+        need = math.ceil(rest / (pacing.budget_for(HOP / self.rate) / self.frame_cost_s + 1))
+        return need if first < need <= FIRST_MAX else first
 
     def _sustainable(self, jobs: int) -> int:
         """The smallest later window with which ``jobs`` streams taking turns each gain audio

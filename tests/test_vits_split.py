@@ -164,6 +164,36 @@ def test_first_audio_runs_on_spinning_sessions_and_the_rest_on_lean_ones(voice: 
     assert whole is not None and fast is not None and np.abs(fast - whole).max() < 1e-5
 
 
+def test_a_lone_sentences_first_window_grows_when_that_lets_the_second_finish_it(streamer: FrameStreamer) -> None:
+    """A few frames more in a lone line's first window, and its audio lasts while one more window
+    decodes the rest (with slack): one seam of margins, not two. A long sentence, which needs
+    several windows anyway, and a short one, finished by its second window anyway, keep the
+    smallest first window."""
+    from engines.schedule import SLACK
+    from engines.vits_split import FIRST_MAX
+
+    sized = dataclasses.replace(streamer, frame_cost_s=0.0005)
+
+    def windows(total: int) -> list[tuple[int, int]]:
+        playback = Playback(arrived=time.monotonic())
+        pacing = Pacing(playback, lambda: ())
+        out = []
+        for start, end in sized.windows(total, pacing):
+            out.append((start, end))
+            playback.sent((end - start) * HOP / sized.rate, time.monotonic())  # sent as soon as decoded
+        return out
+
+    mid = windows(264)  # the side-by-side passage's first sentence
+    assert len(mid) == 2 and SCHEDULE[0] < mid[0][1] <= FIRST_MAX, mid
+    assert SLACK * sized.frame_cost_s * (264 - mid[1][0] + sized.margin) <= mid[0][1] * HOP / sized.rate  # the rest fits in its audio
+    long = windows(1243)  # the 47-word sentence
+    assert long[0] == (0, SCHEDULE[0]) and len(long) > 2, long
+    short = windows(90)
+    assert short[0] == (0, SCHEDULE[0]) and len(short) == 2, short
+    for w, total in ((mid, 264), (long, 1243), (short, 90)):
+        assert w[0][0] == 0 and w[-1][1] == total and all(a[1] == b[0] for a, b in zip(w, w[1:]))
+
+
 def test_split_graph_equals_the_original_voice_without_noise(voice: PiperVoice, streamer: FrameStreamer) -> None:
     feeds = _feeds(voice, LONG, noise=0.0)  # deterministic: both paths then compute the same function
     original = voice.session.run(None, feeds)[0].reshape(-1)
