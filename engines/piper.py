@@ -295,7 +295,7 @@ class PiperEngine(Engine):
         req = SynthesisRequest(text=_LONG_SENTENCE)
         sentence = min(first(self._speak_sentences(_LONG_SENTENCE, req)) for _ in range(2))
         # As served: a listener waits for it (the sessions and the first window are first audio's).
-        frames = min(first(self._speak_frames(_LONG_SENTENCE, req, Pacing(Playback(time.monotonic()), list))) for _ in range(2))
+        frames = min(first(self._speak_frames(_LONG_SENTENCE, req, Pacing(Playback(time.monotonic()), lambda: ()))) for _ in range(2))
         log.info("first audio of a long sentence: %.0f ms by sentence, %.0f ms by frames", sentence * 1000, frames * 1000)
         return "frames" if frames < sentence else "sentence"
 

@@ -438,7 +438,7 @@ class FrameStreamer:
     def run_small(self, feeds: dict[str, np.ndarray], options: onnxruntime.RunOptions) -> None:
         """Every part on a short input with ``options``: what an idle worker runs to shrink
         their arenas (``PiperEngine.release_memory``)."""
-        for parts in {id(p): p for p in (self.fast, self.lean)}.values():
+        for parts in (self.fast,) if self.lean is self.fast else (self.fast, self.lean):
             latents = dict(zip(self.seam, parts.frontend.run(self.seam, feeds, options)))
             self._decode(parts, latents, 0, self.frames(latents), Flowed(), options)
 
@@ -529,7 +529,7 @@ class FrameStreamer:
             if pacing.paced:
                 size = max(size, self._frames_for(pacing.budget()))
                 if step == 1 and pacing.sharing() == 1 and SLACK * self.frame_cost_s * (total - start + self.margin) <= pacing.lead():
-                    size = total - start  # the rest at once: what a first window grown for it planned
+                    size = total - start  # the rest fits in the audio in hand: at once (what _first_alone plans for)
                 # …but not so large that another listener runs out meanwhile, down to a floor
                 # that still gains audio faster than the margins cost when several take turns.
                 size = max(self._floor(step, total, pacing), min(size, self._frames_for(pacing.others_budget())))
