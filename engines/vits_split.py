@@ -467,7 +467,10 @@ class FrameStreamer:
         parts, flowed = self.parts(pacing), flowed or Flowed()
         lo, hi = max(0, start - self.margin), min(self.frames(latents), end + self.margin)
         t0 = time.perf_counter()
-        audio = _interruptibly(pacing, self.frame_cost_s * (hi - lo), lambda opts: self._decode(parts, latents, lo, hi, flowed, opts), options)
+        def run(opts: onnxruntime.RunOptions) -> np.ndarray:
+            return self._decode(parts, latents, lo, hi, flowed, opts)
+
+        audio = _interruptibly(pacing, self.frame_cost_s * (hi - lo), run, options)
         if audio is None:
             return None
         # A moving average of the wall time per decoded frame, as this machine runs it now
