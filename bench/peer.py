@@ -54,8 +54,14 @@ class Heard:
 
     first: float
     last: float
+    """When its last chunk arrived."""
     underruns: int
+    """Chunks that arrived after the audio before them would have played out, on a clock
+    started at the first chunk."""
     audio_s: float
+    heard_end: float
+    """When its listener hears its last sample: played in real time from the first chunk, waiting
+    at each underrun for the chunk that ran late."""
 
 
 class _Player:
@@ -67,6 +73,7 @@ class _Player:
         self.last = t0
         self.played = 0.0
         self.underruns = 0
+        self.heard_end = t0
 
     def chunk(self, seconds: float) -> None:
         now = time.perf_counter()
@@ -75,11 +82,12 @@ class _Player:
         elif now > self.first + self.played:
             self.underruns += 1
         self.played += seconds
+        self.heard_end = max(self.heard_end, now) + seconds
         self.last = now
 
     def heard(self) -> Heard:
         assert self.first is not None, "no audio"
-        return Heard(self.first - self.t0, self.last - self.t0, self.underruns, self.played)
+        return Heard(self.first - self.t0, self.last - self.t0, self.underruns, self.played, self.heard_end - self.t0)
 
 
 class Ours:
@@ -312,6 +320,9 @@ def run(reps: int = 5, loads: int = 3, workers: int | None = None) -> dict[str, 
         out[f"table_{name}_narration_vs_solo"] = round(
             statistics.median(run_[0].last for run_ in table[name]) / statistics.median(h.last for h in narration_solo[name]), 3
         )
+        out[f"table_{name}_narration_heard_vs_solo"] = round(
+            statistics.median(run_[0].heard_end for run_ in table[name]) / statistics.median(h.heard_end for h in narration_solo[name]), 3
+        )
         out[f"table_{name}_underruns"] = sum(h.underruns for run_ in table[name] for h in run_)
 
     def ratio(a: float, b: float) -> float:
@@ -330,6 +341,7 @@ def run(reps: int = 5, loads: int = 3, workers: int | None = None) -> dict[str, 
         "peer_four_underruns": out["four_ours_underruns"],
         "peer_table_npc_first_vs_solo": out["table_ours_npc_first_vs_solo"],
         "peer_table_narration_vs_solo": out["table_ours_narration_vs_solo"],
+        "peer_table_narration_heard_vs_solo": out["table_ours_narration_heard_vs_solo"],
         "peer_table_underruns": out["table_ours_underruns"],
         "peer_rss_ratio": ratio(rss["ours"]["largest_mb"], rss["wyoming"]["largest_mb"]),
         "peer_rss_busy_ratio": ratio(rss_busy["ours"]["largest_mb"], rss_busy["wyoming"]["largest_mb"]),

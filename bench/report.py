@@ -228,6 +228,7 @@ def _peer_lines(p: dict[str, Any]) -> list[str]:
         row("4 passages at once", "underruns", p["four_ours_underruns"], p["four_wyoming_underruns"], ""),
         row("table scene", "worst NPC first audio ÷ alone", p["table_ours_npc_first_vs_solo"], p["table_wyoming_npc_first_vs_solo"], ""),
         row("table scene", "narration last audio ÷ alone", p["table_ours_narration_vs_solo"], p["table_wyoming_narration_vs_solo"], ""),
+        row("table scene", "narration heard to its end ÷ alone", p["table_ours_narration_heard_vs_solo"], p["table_wyoming_narration_heard_vs_solo"], ""),
         row("table scene", "underruns", p["table_ours_underruns"], p["table_wyoming_underruns"], ""),
         row("right after the last request", "engine process RSS MB", p["rss_busy"]["ours"]["largest_mb"], p["rss_busy"]["wyoming"]["largest_mb"], q["peer_rss_busy_ratio"]),
         row("after the run, idle", "engine process RSS MB", p["rss"]["ours"]["largest_mb"], p["rss"]["wyoming"]["largest_mb"], q["peer_rss_ratio"]),

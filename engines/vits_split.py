@@ -368,9 +368,15 @@ class FrameStreamer:
     schedule: Sequence[int] = SCHEDULE
     front_cost_s: float = 0.001
     """Wall time of the frontend per phoneme id, measured as sentences are spoken (starts cautious)."""
-    frame_cost_s: float = 0.002
-    """Wall time to decode one latent frame through the vocoder, the flow's share included,
-    measured as windows are decoded (starts cautious)."""
+    vocoder_cost_s: float = 0.0017
+    """Wall time per latent frame through the vocoder, measured as windows are decoded (starts cautious)."""
+    flow_cost_s: float = 0.0003
+    """Wall time per latent frame through the flow, likewise. Measured apart from the vocoder's
+    because the two parts' margins differ (:attr:`flow_margin`, :attr:`margin`): one cost per
+    vocoded frame, the flow's share included, made a small first window look a fifth dearer per
+    frame than a large one (its 30-frame flow lookahead), and the window after it then too dear
+    to finish the sentence (the side-by-side passage's first sentence went in three windows
+    instead of the two :meth:`_first_alone` plans for)."""
     rate: int = 22050
     """The voice's sample rate in Hertz (a latent frame lasts ``HOP / rate`` seconds)."""
     durations: Optional[str] = None
@@ -452,6 +458,16 @@ class FrameStreamer:
     def frames(self, latents: dict[str, np.ndarray]) -> int:
         return int(max(v.shape[-1] for v in latents.values()))
 
+    @property
+    def frame_cost_s(self) -> float:
+        """Wall time per latent frame of a window's interior, through flow and vocoder."""
+        return self.vocoder_cost_s + self.flow_cost_s
+
+    def window_cost(self, frames: int, margins: int = 2) -> float:
+        """Predicted wall time of a window of ``frames`` latent frames with ``margins`` sides
+        inside the sentence (2; 1 for a sentence's last window, 0 for a whole sentence)."""
+        return self.frame_cost_s * frames + margins * (self.vocoder_cost_s * self.margin + self.flow_cost_s * self.flow_margin)
+
     def decode(
         self,
         latents: dict[str, np.ndarray],
@@ -464,27 +480,44 @@ class FrameStreamer:
         """Audio of latent frames ``[start, end)``, decoded with margins that are then dropped;
         None if ``pacing.interrupt()`` cut the run short. ``flowed`` carries the flow's output
         from one window of a sentence to the next."""
-        parts, flowed = self.parts(pacing), flowed or Flowed()
-        lo, hi = max(0, start - self.margin), min(self.frames(latents), end + self.margin)
-        t0 = time.perf_counter()
-        def run(opts: onnxruntime.RunOptions) -> np.ndarray:
-            return self._decode(parts, latents, lo, hi, flowed, opts)
+        parts, flowed, total = self.parts(pacing), flowed or Flowed(), self.frames(latents)
+        lo, hi = max(0, start - self.margin), min(total, end + self.margin)
+        flow_lo, flow_hi = self._flow_span(flowed, hi, total)
+        times: list[float] = []
 
-        audio = _interruptibly(pacing, self.frame_cost_s * (hi - lo), run, options)
+        def run(opts: onnxruntime.RunOptions) -> np.ndarray:
+            times.append(time.perf_counter())
+            self._flow(parts, latents, flowed, hi, opts)
+            times.append(time.perf_counter())
+            audio = self._vocode(parts, latents, flowed, lo, hi, opts)
+            times.append(time.perf_counter())
+            return audio
+
+        cost = self.vocoder_cost_s * (hi - lo) + self.flow_cost_s * (flow_hi - flow_lo)
+        audio = _interruptibly(pacing, cost, run, options)
         if audio is None:
             return None
-        # A moving average of the wall time per decoded frame, as this machine runs it now
+        # Moving averages of each part's wall time per frame, as this machine runs them now
         # (other runs in flight included): what sizes the windows to come.
-        self.frame_cost_s += 0.25 * ((time.perf_counter() - t0) / (hi - lo) - self.frame_cost_s)
+        if flow_hi > flow_lo:
+            self.flow_cost_s += 0.25 * ((times[1] - times[0]) / (flow_hi - flow_lo) - self.flow_cost_s)
+        self.vocoder_cost_s += 0.25 * ((times[2] - times[1]) / (hi - lo) - self.vocoder_cost_s)
         return audio[(start - lo) * HOP : (end - lo) * HOP]
 
     def _decode(
         self, parts: Parts, latents: dict[str, np.ndarray], lo: int, hi: int, flowed: Flowed, options: onnxruntime.RunOptions
     ) -> np.ndarray:
         """Audio of latent frames ``[lo, hi)``, margins included."""
-        z = self._flow(parts, latents, flowed, hi, options)
+        self._flow(parts, latents, flowed, hi, options)
+        return self._vocode(parts, latents, flowed, lo, hi, options)
+
+    def _vocode(
+        self, parts: Parts, latents: dict[str, np.ndarray], flowed: Flowed, lo: int, hi: int, options: onnxruntime.RunOptions
+    ) -> np.ndarray:
+        """The vocoder's audio of latent frames ``[lo, hi)``, already flowed."""
+        assert flowed.z is not None and flowed.ready >= hi
         feeds = {k: v for k, v in latents.items() if k in self._vocoder_inputs}
-        feeds[self.z] = z[..., lo:hi]
+        feeds[self.z] = flowed.z[..., lo:hi]
         return parts.vocoder.run(None, feeds, options)[0].reshape(-1)
 
     @functools.cached_property
@@ -493,18 +526,22 @@ class FrameStreamer:
         its session once, not at every window."""
         return {i.name for i in self.fast.vocoder.get_inputs()}
 
-    def _flow(self, parts: Parts, latents: dict[str, np.ndarray], flowed: Flowed, end: int, options: onnxruntime.RunOptions) -> np.ndarray:
-        """``z`` from the first latent frame up to ``end`` at least: the frames not flowed yet,
-        with the flow's margins."""
-        if flowed.ready < end:
-            total = self.frames(latents)
-            lo, hi = max(0, flowed.ready - self.flow_margin), min(total, end + self.flow_margin)
+    def _flow_span(self, flowed: Flowed, end: int, total: int) -> tuple[int, int]:
+        """The latent frames the flow runs on to have ``z`` up to ``end``: those not flowed yet,
+        with the flow's margins (none when ``z`` is there already)."""
+        if flowed.ready >= end:
+            return 0, 0
+        return max(0, flowed.ready - self.flow_margin), min(total, end + self.flow_margin)
+
+    def _flow(self, parts: Parts, latents: dict[str, np.ndarray], flowed: Flowed, end: int, options: onnxruntime.RunOptions) -> None:
+        """Extend ``flowed`` to ``z`` from the first latent frame up to ``end`` at least."""
+        total = self.frames(latents)
+        lo, hi = self._flow_span(flowed, end, total)
+        if hi > lo:
             feeds = {k: v[..., lo:hi] if v.shape[-1] == total else v for k, v in latents.items()}
             z = parts.flow.run([self.z], feeds, options)[0][..., flowed.ready - lo : end - lo]
             flowed.z = z if flowed.z is None else np.concatenate([flowed.z, z], axis=-1)
             flowed.ready = end
-        assert flowed.z is not None
-        return flowed.z
 
     def stream(self, latents: dict[str, np.ndarray], pacing: Pacing = UNPACED) -> Iterator[np.ndarray]:
         """The sentence's audio, window after window.
@@ -531,7 +568,7 @@ class FrameStreamer:
             size = self.schedule[min(step, len(self.schedule) - 1)]
             if pacing.paced:
                 size = max(size, self._frames_for(pacing.budget()))
-                if step == 1 and pacing.sharing() == 1 and SLACK * self.frame_cost_s * (total - start + self.margin) <= pacing.lead():
+                if step == 1 and pacing.sharing() == 1 and SLACK * self.window_cost(total - start, margins=1) <= pacing.lead():
                     size = total - start  # the rest fits in the audio in hand: at once (what _first_alone plans for)
                 # …but not so large that another listener runs out meanwhile, down to a floor
                 # that still gains audio faster than the margins cost when several take turns.
@@ -552,7 +589,7 @@ class FrameStreamer:
         if step > 0:
             return later
         if jobs == 1:
-            return self._first_alone(total, pacing)
+            return self._first_alone(total)
         # A first window's audio must last while the jobs not yet started start (they go first)
         # and its own next window is decoded (four passages at once ran dry right after their
         # first windows when it did not), with SLACK: both costs are moving averages, and this
@@ -560,10 +597,10 @@ class FrameStreamer:
         # loop alone: 60 ms a pass, 85 ms in such a stretch). Four passages at once, 8 loads a
         # run: without it 10, 2, 17 and 22 underruns in the runs that met such a stretch; with
         # it 0, 0, 0 and 1, the four first audios ~30 ms later (p90 216 -> 299 ms, slow stretch).
-        wait = SLACK * (pacing.starting() * pacing.start_cost() + self.frame_cost_s * (later + 2 * self.margin)) / SUSTAIN
+        wait = SLACK * (pacing.starting() * pacing.start_cost() + self.window_cost(later)) / SUSTAIN
         return max(self.schedule[0], math.ceil(wait * self.rate / HOP))
 
-    def _first_alone(self, total: int, pacing: Pacing) -> int:
+    def _first_alone(self, total: int) -> int:
         """A lone line's first window: the schedule's first, for first audio, unless a few frames
         more (up to :data:`FIRST_MAX`) make its audio last while the second window, sized by the
         budget that audio gives, decodes all the rest of the sentence: one seam of margins
@@ -572,24 +609,27 @@ class FrameStreamer:
         interleaved pairs, CPU per passage 0.971x, 0.967x, 0.970x, last audio 0.97x, 0.964x,
         0.954x, first audio +2.6 to +6.6 ms. A long sentence, whose rest takes several windows
         whatever the first, keeps the smallest; so does a short one, whose second window
-        finishes it anyway."""
+        finishes it anyway.
+
+        The size is the smallest ``n`` with ``SLACK · window_cost(total - n, 1) ≤ n · frame_s``
+        (the check :meth:`windows` makes at the second window), and one frame more for the time
+        its audio takes to leave before that check."""
         first = self.schedule[0]
-        rest = total + 2 * self.margin - MERGE * self.schedule[min(2, len(self.schedule) - 1)]
-        need = math.ceil(rest / (pacing.budget_for(HOP / self.rate) / self.frame_cost_s + 1))
+        need = math.ceil(SLACK * self.window_cost(total, margins=1) / (HOP / self.rate + SLACK * self.frame_cost_s)) + 1
         return need if first < need <= FIRST_MAX else first
 
     def _sustainable(self, jobs: int) -> int:
         """The smallest later window with which ``jobs`` streams taking turns each gain audio
-        faster than it plays, margins paid: ``jobs·cost·(W + 2·margin) ≤ SUSTAIN·W·frame_s``.
+        faster than it plays, margins paid: ``jobs · window_cost(W) ≤ SUSTAIN · W · frame_s``.
         Smaller windows spend more on margins than the audio they add lasts, and every
         listener falls behind together (four passages at once did, with 32-frame windows)."""
         spare = SUSTAIN * HOP / self.rate - jobs * self.frame_cost_s
         if spare <= 0:
             return self.schedule[-1]
-        return min(self.schedule[-1], math.ceil(2 * self.margin * jobs * self.frame_cost_s / spare))
+        return min(self.schedule[-1], math.ceil(jobs * self.window_cost(0) / spare))
 
     def _frames_for(self, seconds: float) -> int:
         """Latent frames one window can decode in ``seconds``, margins paid."""
         if seconds == float("inf"):
             return 1 << 30
-        return int(seconds / self.frame_cost_s) - 2 * self.margin
+        return int((seconds - self.window_cost(0)) / self.frame_cost_s)

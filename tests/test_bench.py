@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench import relay, throughput
 
 
@@ -53,3 +55,19 @@ def test_gateways_report_section_names_every_side_and_ratio() -> None:
     text = "\n".join(report._gateway_lines(g))
     assert "| 47-word sentence | 50.0 / 60.0 | 50.0 / 60.0 |  | 50.0 / 60.0 |" in text
     assert all(str(v) in text for v in (1.01, 1.02, 1.03, 1.04, 0.99, 0.2))
+
+
+def test_the_side_by_sides_player_counts_underruns_and_when_the_listener_hears_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Playback starts at the first chunk; a chunk that arrives after the audio before it would
+    have played out is an underrun, and the listener waits for it: the end is heard that much later."""
+    from bench import peer
+
+    clock = iter([1.0, 1.05, 1.25, 1.28])  # chunks of 0.1 s: the third arrives 0.05 s after the first two ran out
+    monkeypatch.setattr(peer.time, "perf_counter", lambda: next(clock))
+    player = peer._Player(t0=0.9)
+    for _ in range(4):
+        player.chunk(0.1)
+    heard = player.heard()
+    assert heard.underruns == 1
+    assert (round(heard.first, 3), round(heard.last, 3), round(heard.audio_s, 3)) == (0.1, 0.38, 0.4)
+    assert round(heard.heard_end, 3) == 0.55  # 1.25 + 0.2 of audio left to play, from 0.9

@@ -137,6 +137,26 @@ def test_windows_spend_little_decoding_margins(voice: PiperVoice, streamer: Fram
     assert decoded <= 1.1 * total, (windows, decoded / total)
 
 
+def test_the_flow_and_the_vocoder_are_timed_apart_and_a_window_costs_what_its_parts_run(voice: PiperVoice, streamer: FrameStreamer) -> None:
+    """Each part's cost is measured per frame it ran: a window whose ``z`` was flowed already
+    times only the vocoder; the predicted cost of a window counts each part's own margins."""
+    from engines.vits_split import Flowed
+
+    costs = dataclasses.replace(streamer, vocoder_cost_s=1.0, flow_cost_s=1.0)  # far from anything measured
+    latents = costs.latents(_feeds(voice, LONG, noise=1.0))
+    flowed = Flowed()
+    assert costs.decode(latents, 0, 40, flowed=flowed) is not None
+    assert 0 < costs.flow_cost_s < 1.0 and 0 < costs.vocoder_cost_s < 1.0
+    flowed.ready = costs.frames(latents)  # as if all of z were there: the flow does not run
+    flowed.z = np.zeros((1, 192, flowed.ready), np.float32)
+    flow_before, vocoder_before = costs.flow_cost_s, costs.vocoder_cost_s
+    assert costs.decode(latents, 40, 80, flowed=flowed) is not None
+    assert costs.flow_cost_s == flow_before and costs.vocoder_cost_s != vocoder_before
+    v, f, m, fm = costs.vocoder_cost_s, costs.flow_cost_s, costs.margin, costs.flow_margin
+    assert costs.window_cost(100) == pytest.approx(v * (100 + 2 * m) + f * (100 + 2 * fm))
+    assert costs.window_cost(100, margins=1) == pytest.approx(v * (100 + m) + f * (100 + fm))
+
+
 def test_first_audio_runs_on_spinning_sessions_and_the_rest_on_lean_ones(voice: PiperVoice, streamer: FrameStreamer) -> None:
     """While a listener waits, runs use the sessions whose threads spin (first audio sooner); once
     it has audio, the lean ones (less CPU), unless other jobs take turns with it (their spinning
@@ -172,7 +192,7 @@ def test_a_lone_sentences_first_window_grows_when_that_lets_the_second_finish_it
     from engines.schedule import SLACK
     from engines.vits_split import FIRST_MAX
 
-    sized = dataclasses.replace(streamer, frame_cost_s=0.0005)
+    sized = dataclasses.replace(streamer, vocoder_cost_s=0.0004, flow_cost_s=0.0001)
 
     def windows(total: int) -> list[tuple[int, int]]:
         playback = Playback(arrived=time.monotonic())
@@ -185,7 +205,7 @@ def test_a_lone_sentences_first_window_grows_when_that_lets_the_second_finish_it
 
     mid = windows(264)  # the side-by-side passage's first sentence
     assert len(mid) == 2 and SCHEDULE[0] < mid[0][1] <= FIRST_MAX, mid
-    assert SLACK * sized.frame_cost_s * (264 - mid[1][0] + sized.margin) <= mid[0][1] * HOP / sized.rate  # the rest fits in its audio
+    assert SLACK * sized.window_cost(264 - mid[1][0], margins=1) <= mid[0][1] * HOP / sized.rate  # the rest fits in its audio
     long = windows(1243)  # the 47-word sentence
     assert long[0] == (0, SCHEDULE[0]) and len(long) > 2, long
     short = windows(90)

@@ -324,7 +324,7 @@ def test_windows_grow_with_the_audio_in_hand_and_shrink_for_the_others() -> None
 
     MARGIN = 11
     streamer = FrameStreamer(None, None, [], "z", None, margin=MARGIN, flow_margin=30)  # type: ignore[arg-type]  # windows() needs no graph
-    streamer.frame_cost_s = 0.001
+    streamer.vocoder_cost_s, streamer.flow_cost_s = 0.0008, 0.0002
     total = 1000
     alone = list(streamer.windows(total))  # no listener to pace for: the fixed schedule
     assert [e - s for s, e in alone][:4] == list(SCHEDULE)
@@ -338,12 +338,12 @@ def test_windows_grow_with_the_audio_in_hand_and_shrink_for_the_others() -> None
     # Its first audio must last while the two others start and its own next window is decoded,
     # with slack for a machine that runs slower for a while than its costs' averages say.
     first_audio_s = shared[0][1] * HOP / streamer.rate
-    assert first_audio_s >= SLACK * (2 * 0.05 + streamer.frame_cost_s * (shared[1][1] - shared[1][0] + 2 * MARGIN)) / SUSTAIN
+    assert first_audio_s >= SLACK * (2 * 0.05 + streamer.window_cost(shared[1][1] - shared[1][0])) / SUSTAIN
     assert shared[0][1] > alone[0][1]
     # Four listeners with little audio in hand: no later window so small that four of them, margins
     # paid, take longer to decode than the audio they add lasts.
     four = list(streamer.windows(total, _Paced(own=0.0, others=0.0, sharing=4)))
-    assert all(4 * streamer.frame_cost_s * (e - s + 2 * MARGIN) < (e - s) * HOP / streamer.rate for s, e in four[1:-1])
+    assert all(4 * streamer.window_cost(e - s) < (e - s) * HOP / streamer.rate for s, e in four[1:-1])
     for windows in (alone, ahead, crowded, shared, four):
         assert windows[-1][1] == total and all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
 
