@@ -197,6 +197,10 @@ class WorkerConfig(BaseModel):
     slots: Optional[int] = Field(default=None, ge=1, le=64)
     """Requests each worker holds at once, spoken in turns by playback deadline; unset: the
     engine's own default (Piper 4, XTTS 1)."""
+    threads: Optional[int] = Field(default=None, ge=1, le=256)
+    """CPU threads each worker's inference runs on (onnxruntime's pool for Piper, torch's for
+    XTTS); unset: every core for a lone worker, the cores shared out among the workers this
+    ``serve`` starts when there are several (:func:`broker.supervisor.cpu_threads`)."""
     curve_key: Optional[str] = None
     """This entry's workers' secret certificate, with ``[security] curve = true``; unset: the
     key pair ``serve`` makes for its own workers at each start (certificate name ``serve-local``)."""

@@ -105,6 +105,23 @@ def gateway_argvs(cfg: Config) -> dict[str, list[str]]:
     return out
 
 
+def cpu_threads(cfg: Config, w: WorkerConfig, cores: Optional[int] = None) -> Optional[int]:
+    """CPU threads for each of ``w``'s workers: its ``threads`` if set; else None (the engine's
+    default, every core) for the only worker of the config, and the cores shared out among
+    the config's workers when there are several (at least one each).
+
+    Each worker's pool otherwise spans every core, and two workers' pools on the same cores
+    contend: on 2 cores with ``count = 2``, four passages sent at once took 1.46x
+    wyoming-piper's wall time with 41 underrun chunks, and 1.03x with none but one with a
+    thread each (README, "Frame streaming")."""
+    if w.threads is not None:
+        return w.threads
+    workers = sum(x.count for x in cfg.workers)
+    if workers <= 1:
+        return None
+    return max(1, (cores or len(os.sched_getaffinity(0))) // workers)
+
+
 def worker_argv(cfg: Config, w: WorkerConfig, local_keys: Optional[LocalWorkerKeys] = None) -> list[str]:
     b = cfg.broker
     spec = engines.get(w.engine)
@@ -118,6 +135,8 @@ def worker_argv(cfg: Config, w: WorkerConfig, local_keys: Optional[LocalWorkerKe
     ]
     if w.slots is not None:
         argv += ["--slots", str(w.slots)]
+    if (threads := cpu_threads(cfg, w)) is not None:
+        argv += ["--threads", str(threads)]
     if cfg.security.curve:
         curve_key = w.curve_key or (local_keys and str(local_keys.secret_file))
         broker_key = w.broker_key or (local_keys and str(local_keys.broker_file))

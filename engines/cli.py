@@ -28,6 +28,7 @@ def worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heartbeat-ms", type=int, default=250, help="heartbeat interval (must match the broker)")
     parser.add_argument("--liveness", type=int, default=3, help="missed heartbeats before the broker counts as lost")
     parser.add_argument("--slots", type=_positive, help="requests held at once, spoken in turns (default: the engine's own)")
+    parser.add_argument("--threads", type=_positive, help="CPU threads the engine's inference runs on (default: every core)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--curve-key", help="this worker's secret certificate (NAME.key_secret), for a broker with CURVE")
     parser.add_argument("--broker-key", help="the broker's public certificate (broker.key); with --curve-key")

@@ -202,8 +202,14 @@ class PiperEngine(Engine):
     serialised (``_phonemize_serially``)."""
 
     def __init__(
-        self, voice: str = DEFAULT_PIPER_VOICE, device: str = "auto", voice_dirs: Sequence[str] = (), stream_mode: str = "auto"
+        self,
+        voice: str = DEFAULT_PIPER_VOICE,
+        device: str = "auto",
+        voice_dirs: Sequence[str] = (),
+        stream_mode: str = "auto",
+        threads: Optional[int] = None,
     ) -> None:
+        """``threads``: onnxruntime's intra-op threads for every session; None: every core."""
         files = resolve_piper_voice(voice, voice_dirs)
         use_cuda = pick_device(device)
         # A worker that may stream by frames runs the voice rewritten like the split frontend
@@ -218,7 +224,7 @@ class PiperEngine(Engine):
         whole, self.durations_output = with_durations(self.model_path)
         self.voice = PiperVoice(
             config=PiperConfig.from_dict(json.loads(files.config.read_text(encoding="utf-8"))),
-            session=onnxruntime.InferenceSession(whole, session_options(), providers=session_providers(use_cuda)),
+            session=onnxruntime.InferenceSession(whole, session_options(threads=threads), providers=session_providers(use_cuda)),
             espeak_data_dir=ESPEAK_DATA_DIR,
         )
         del whole
@@ -241,7 +247,7 @@ class PiperEngine(Engine):
         self.stream_mode = "sentence"
         if stream_mode != "sentence":
             try:
-                self.frames = FrameStreamer.load(files.model, session_providers(use_cuda), files.sample_rate)
+                self.frames = FrameStreamer.load(files.model, session_providers(use_cuda), files.sample_rate, threads=threads)
             except ValueError as exc:  # not a VITS graph we can cut
                 if stream_mode == "frames":
                     raise
@@ -416,7 +422,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         help="frames: first audio in constant time (split graph); sentence: one model run per sentence; auto: the faster here",
     )
     args = parser.parse_args(argv)
-    run_worker(args, lambda: PiperEngine(args.voice, args.device, args.voice_dir, args.stream_mode))
+    run_worker(args, lambda: PiperEngine(args.voice, args.device, args.voice_dir, args.stream_mode, args.threads))
 
 
 if __name__ == "__main__":

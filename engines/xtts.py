@@ -82,6 +82,7 @@ class XttsEngine(Engine):
         default_speaker: Optional[str] = None,
         stream_chunk_size: int = 20,
         cache_dir: Optional[str | Path] = None,
+        threads: Optional[int] = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         check_model_dir(self.model_dir)
@@ -90,6 +91,8 @@ class XttsEngine(Engine):
         from TTS.tts.models.xtts import Xtts
 
         self.torch = torch
+        if threads is not None:  # torch's intra-op pool, for this process (``[[workers]] threads``)
+            torch.set_num_threads(threads)
         self.device = pick_torch_device(device)
         t0 = time.monotonic()
         log.info("loading XTTS v2 from %s …", self.model_dir)
@@ -244,7 +247,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     speakers = parse_speakers(args.speaker)
     run_worker(
         args,
-        lambda: XttsEngine(args.model_dir, args.device, speakers, args.default_speaker, args.stream_chunk_size, args.cache_dir),
+        lambda: XttsEngine(args.model_dir, args.device, speakers, args.default_speaker, args.stream_chunk_size, args.cache_dir, args.threads),
     )
 
 

