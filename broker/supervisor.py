@@ -112,8 +112,8 @@ def cpu_threads(cfg: Config, w: WorkerConfig, cores: Optional[int] = None) -> Op
 
     Each worker's pool otherwise spans every core, and two workers' pools on the same cores
     contend: on 2 cores with ``count = 2``, four passages sent at once took 1.46x
-    wyoming-piper's wall time with 41 underrun chunks, and 1.03x with none but one with a
-    thread each (README, "Frame streaming")."""
+    wyoming-piper's wall time with 41 underrun chunks, and 1.01x with none with a thread
+    each (README, "Several voices at once")."""
     if w.threads is not None:
         return w.threads
     workers = sum(x.count for x in cfg.workers)

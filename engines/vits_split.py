@@ -609,8 +609,8 @@ class FrameStreamer:
 
     def _first_alone(self, total: int) -> int:
         """A lone line's first window: the schedule's first, for first audio, unless a few frames
-        more (up to :data:`FIRST_MAX`) make its audio last while the second window, sized by the
-        budget that audio gives, decodes all the rest of the sentence: one seam of margins
+        more (up to :data:`FIRST_MAX`) make its audio last, with :data:`SLACK`, while the second
+        window decodes all the rest of the sentence: one seam of margins
         instead of two. The side-by-side passage's first sentence (264 frames) then goes in ~20
         and the rest instead of 8, 32 and the rest: in one process, three runs of 20-30
         interleaved pairs, CPU per passage 0.971x, 0.967x, 0.970x, last audio 0.97x, 0.964x,
