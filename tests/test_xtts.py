@@ -107,6 +107,18 @@ def test_clone_latents_are_cached_on_disk(tiny_xtts: Path, reference_wav: Path, 
     assert len(list(cache.glob("*.pt"))) == 2
 
 
+def test_the_engine_runs_on_the_threads_it_is_given(tiny_xtts: Path) -> None:
+    """``[[workers]] threads`` sets torch's intra-op pool (for the worker process it runs in)."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        XttsEngine(tiny_xtts, "cpu", threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_speaker_argument_parsing() -> None:
     assert parse_speakers(["guard=a.wav", "king=/x/b.wav"]) == {"guard": "a.wav", "king": "/x/b.wav"}
     with pytest.raises(Exception, match="NAME=PATH"):
