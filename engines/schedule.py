@@ -131,11 +131,7 @@ class Pacing:
         for the pieces the others take meanwhile. (Bounding it by the listener with least
         audio instead kept every window minimal, and the margins then cost more than the
         four streams of the benchmark could afford.)"""
-        return self.budget_for(self.lead())
-
-    def budget_for(self, lead: float) -> float:
-        """:meth:`budget` were this listener to have ``lead`` seconds of audio in hand."""
-        return self._share * lead / self.sharing()
+        return self._share * self.lead() / self.sharing()
 
     def lead(self) -> float:
         """Seconds of audio this listener has in hand now."""

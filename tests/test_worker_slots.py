@@ -299,9 +299,6 @@ class _Paced:
     def budget(self) -> float:
         return self.own
 
-    def budget_for(self, lead: float) -> float:
-        return 0.5 * lead / self.n
-
     def lead(self) -> float:
         return 2 * self.own * self.n
 
