@@ -490,33 +490,28 @@ class FrameStreamer:
         parts, flowed, total = self.parts(pacing), flowed or Flowed(), self.frames(latents)
         lo, hi = max(0, start - self.margin), min(total, end + self.margin)
         flow_lo, flow_hi = self._flow_span(flowed, hi, total)
-        times: list[float] = []
-
-        def run(opts: onnxruntime.RunOptions) -> np.ndarray:
-            times.append(time.perf_counter())
-            self._flow(parts, latents, flowed, hi, opts)
-            times.append(time.perf_counter())
-            audio = self._vocode(parts, latents, flowed, lo, hi, opts)
-            times.append(time.perf_counter())
-            return audio
-
         cost = self.vocoder_cost_s * (hi - lo) + self.flow_cost_s * (flow_hi - flow_lo)
-        audio = _interruptibly(pacing, cost, run, options)
-        if audio is None:
+        run = _interruptibly(pacing, cost, lambda opts: self._decode(parts, latents, lo, hi, flowed, opts), options)
+        if run is None:
             return None
+        audio, flow_s, vocoder_s = run
         # Moving averages of each part's wall time per frame, as this machine runs them now
         # (other runs in flight included): what sizes the windows to come.
         if flow_hi > flow_lo:
-            self.flow_cost_s += 0.25 * ((times[1] - times[0]) / (flow_hi - flow_lo) - self.flow_cost_s)
-        self.vocoder_cost_s += 0.25 * ((times[2] - times[1]) / (hi - lo) - self.vocoder_cost_s)
+            self.flow_cost_s += 0.25 * (flow_s / (flow_hi - flow_lo) - self.flow_cost_s)
+        self.vocoder_cost_s += 0.25 * (vocoder_s / (hi - lo) - self.vocoder_cost_s)
         return audio[(start - lo) * HOP : (end - lo) * HOP]
 
     def _decode(
         self, parts: Parts, latents: dict[str, np.ndarray], lo: int, hi: int, flowed: Flowed, options: onnxruntime.RunOptions
-    ) -> np.ndarray:
-        """Audio of latent frames ``[lo, hi)``, margins included."""
+    ) -> tuple[np.ndarray, float, float]:
+        """Audio of latent frames ``[lo, hi)``, margins included, and the wall times of the flow
+        (0 when ``z`` was there already) and of the vocoder."""
+        t0 = time.perf_counter()
         self._flow(parts, latents, flowed, hi, options)
-        return self._vocode(parts, latents, flowed, lo, hi, options)
+        t1 = time.perf_counter()
+        audio = self._vocode(parts, latents, flowed, lo, hi, options)
+        return audio, t1 - t0, time.perf_counter() - t1
 
     def _vocode(
         self, parts: Parts, latents: dict[str, np.ndarray], flowed: Flowed, lo: int, hi: int, options: onnxruntime.RunOptions
