@@ -32,6 +32,11 @@ class Engine(abc.ABC):
     than one only where :meth:`speak` generators of different requests may run concurrently
     (a thread-safe model, shared state guarded); a second thread lets a new line's first
     piece start while another stream's long piece is in progress."""
+    parallel: bool = False
+    """Whether, while it holds several jobs, every synthesis thread may advance any of them at
+    once: for an engine whose runs then take a share of the cores each (Piper's frame mode, on
+    half). Otherwise only the first thread advances a job after its first piece, one run at a
+    time on every core."""
 
     timings: tuple[str, ...] = ()
     """Timing kinds (``broker.tts.TIMING_KINDS``) the engine can tell, from its own alignment.

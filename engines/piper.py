@@ -258,6 +258,7 @@ class PiperEngine(Engine):
         if self.frames is not None:
             self.frame_gain = self.frames.cached_gain(self._calibrate_gain)
             self.stream_mode = stream_mode if stream_mode != "auto" else self._faster_mode()
+            self.parallel = self.stream_mode == "frames" and self.frames.narrow is not None
         log.info("Piper voice %s streams by %s", files.name, "frames" if self.stream_mode == "frames" else "sentence")
 
     # ---------------------------------------------------------- frame mode

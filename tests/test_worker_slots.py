@@ -246,6 +246,49 @@ def test_a_new_line_starts_on_the_second_thread_and_interrupts_a_long_piece_that
     assert seqs == list(range(21)), "a piece of A was lost or repeated"
 
 
+class _Turns(_Pieces):
+    """A test engine with two synthesis threads: ``N`` speaks N pieces, each after the first taking
+    50 ms (asleep, as a model's run releases the GIL); it counts those in progress at once."""
+
+    threads = 2
+
+    def __init__(self, parallel: bool) -> None:
+        self.parallel = parallel
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+
+    def speak(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
+        yield np.zeros(RATE // 10, dtype=np.float32)
+        for _ in range(int(text.split()[0]) - 1):
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(0.05)
+            with self.lock:
+                self.running -= 1
+            yield np.zeros(RATE // 10, dtype=np.float32)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_a_parallel_engine_advances_two_jobs_at_once_and_any_other_one_at_a_time(parallel: bool) -> None:
+    engine = _Turns(parallel)
+    b = _Broker(engine)
+    try:
+        b.request(b"A", "10")
+        b.request(b"B", "10")
+        log = []
+        for reply in b.replies():
+            log.append(reply)
+            if sum(final for _, final, _ in log) == 2:
+                break
+    finally:
+        b.close()
+    assert engine.most == (2 if parallel else 1)
+    for job in (b"A", b"B"):
+        assert [ev.seq for j, _, ev in log if j == job and isinstance(ev, tts.Audio)] == list(range(10))
+        assert isinstance(next(ev for j, final, ev in log if j == job and final), tts.End)
+
+
 def test_a_run_is_interrupted_only_for_a_listener_that_cannot_wait_and_by_one_that_can() -> None:
     playing = Playback(arrived=0.0, first=time.monotonic(), audio_s=2.0)  # 2 s in hand
     pacing = Pacing(playing, lambda: ())
