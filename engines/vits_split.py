@@ -390,11 +390,11 @@ class FrameStreamer:
     turns, two of which then run at once (``Engine.parallel``). On 2 cores a run on one thread
     takes ~1.6x its time on two (in one process: a 128-frame window 100 ms against 62), so two
     at once get more done, and neither waits for the other's long window: four passages sent at
-    once, served, two A/B runs of 4 and 7 rounds, wall time 0.91x and 0.83x (paired medians),
-    no underrun against 3 and 1 with every run one at a time on both cores. A line's first run
+    once, served, A/B runs of 4, 7 and 7 rounds, wall time 0.91x, 0.83x and 0.86x (paired
+    medians), no underrun against 3, 1 and 9 with every run one at a time on both cores. A line's first run
     keeps :attr:`fast` (the runtime holds the others back meanwhile): with first runs narrow too,
-    the table scene's worst NPC line's first audio came 1.2-1.7x later. None on a GPU: its runs
-    there take ``fast``, one at a time."""
+    the table scene's worst NPC line's first audio came 1.2-1.7x later. None on a GPU, or on one
+    thread: the runs of several jobs then take ``fast``, one at a time."""
 
     def cached_gain(self, calibrate: Callable[[], float]) -> float:
         """The voice's frame-mode gain: measured once (it costs a decode of a few sentences), then read."""
@@ -422,6 +422,7 @@ class FrameStreamer:
             )
 
         fast = parts(spinning=True)
+        half = (threads or len(os.sched_getaffinity(0))) // 2
         on_gpu = any((p[0] if isinstance(p, tuple) else p) != "CPUExecutionProvider" for p in providers)
         return cls(
             fast,
@@ -433,7 +434,7 @@ class FrameStreamer:
             flow_margin=split.flow_margin,
             rate=rate,
             durations=durations,
-            narrow=None if on_gpu else parts(True, max(1, (threads or len(os.sched_getaffinity(0))) // 2)),
+            narrow=None if on_gpu or half < 1 else parts(True, half),
         )
 
     def latents(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -468,8 +469,8 @@ class FrameStreamer:
     def parts(self, pacing: Pacing) -> Parts:
         """The sessions for a run of this job now: :attr:`fast` while its listener waits,
         :attr:`narrow` while other jobs take turns with it (their runs overlap this one), else
-        :attr:`lean`. Without ``narrow`` (on a GPU), ``fast`` for the runs of several jobs too: a
-        pool that sleeps loses the cores to one that spins (the table scene's narration, run lean
+        :attr:`lean`. Without ``narrow`` (a GPU, one thread), ``fast`` for the runs of several jobs
+        too: a pool that sleeps loses the cores to one that spins (the table scene's narration, run lean
         beside its NPC lines' spinning first windows, ended 3-8 % later in four A/B runs out of four)."""
         if pacing.waiting():
             return self.fast
