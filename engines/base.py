@@ -33,10 +33,10 @@ class Engine(abc.ABC):
     (a thread-safe model, shared state guarded); a second thread lets a new line's first
     piece start while another stream's long piece is in progress."""
     parallel: bool = False
-    """Whether, while it holds several jobs, every synthesis thread may advance any of them at
-    once: for an engine whose runs then take a share of the cores each (Piper's frame mode, on
-    half). Otherwise only the first thread advances a job after its first piece, one run at a
-    time on every core."""
+    """Whether, while it holds several jobs, a further synthesis thread advances their later
+    pieces beside the first thread: for an engine whose runs then take a share of the cores
+    each (Piper's frame mode, on half). Otherwise only the first thread advances a job after
+    its first piece, one run at a time on every core."""
 
     timings: tuple[str, ...] = ()
     """Timing kinds (``broker.tts.TIMING_KINDS``) the engine can tell, from its own alignment.

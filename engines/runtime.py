@@ -16,9 +16,10 @@ progress on the first thread is interrupted if its listener has audio enough
 to wait for the new line and for that piece again (``Pacing.interrupt``), so
 the new line's first audio has the cores to itself. An engine whose runs can
 take a share of the cores (``Engine.parallel``: Piper's frame mode, on half)
-has every thread advance any job's later pieces while it holds several and no
-line is starting: two runs on a core each get more done than one after the
-other on both (``FrameStreamer.narrow``). Each job is busy from the
+has a third thread for later pieces while it holds several jobs: two streams'
+windows run at once on a core each (``FrameStreamer.narrow``), so neither
+listener waits behind the other's long window, and the second thread stays
+free to start a line. Each job is busy from the
 broker's REQUEST until its FINAL has been sent, and after losing the broker the
 worker re-registers only once the synthesis threads have let go of every old
 job, so no job of a lost connection shares the model with a new one.
@@ -54,6 +55,10 @@ from engines.schedule import SLACK, UNPACED, HasPlayback, Pacing, Playback, next
 from engines.text import split_sentences
 
 log = logging.getLogger("engines.runtime")
+
+_EVERY, _STARTS, _TURNS = "every", "starts", "turns"
+"""What a synthesis thread takes (:meth:`WorkerRuntime._synthesis_loop`): every piece, a job's
+first piece only, or a later piece while the worker holds several jobs."""
 
 _PARTIAL = b"P"
 _FINAL = b"F"
@@ -220,10 +225,11 @@ class WorkerRuntime:
 
     def run(self) -> None:
         """Serve until :meth:`stop` (or SIGTERM, installed by the CLI)."""
-        self._running = max(1, self.engine.threads)
-        self._synth.submit(self._synthesis_loop, False)
-        for n in range(1, self._running):
-            threading.Thread(target=self._synthesis_loop, args=(True,), name=f"synth-start-{n}", daemon=True).start()
+        roles = [_EVERY] + [_STARTS] * (max(1, self.engine.threads) - 1) + ([_TURNS] if self.engine.parallel else [])
+        self._running = len(roles)
+        self._synth.submit(self._synthesis_loop, _EVERY)
+        for n, role in enumerate(roles[1:], 1):
+            threading.Thread(target=self._synthesis_loop, args=(role,), name=f"synth-{role}-{n}", daemon=True).start()
         self._connect()
         poller = zmq.Poller()
         poller.register(self._pipe, zmq.POLLIN)
@@ -336,15 +342,16 @@ class WorkerRuntime:
 
     # ------------------------------------------------------------ synthesis
 
-    def _synthesis_loop(self, starts_only: bool) -> None:
+    def _synthesis_loop(self, role: str) -> None:
         """A synthesis thread: advance the jobs no other thread holds, earliest deadline first, until stopped.
 
-        The first thread takes every job; the others (``starts_only``) only a job's first piece,
-        so a new line starts while the first thread is in another stream's long window, and
-        at most one long window is in flight (each concurrent run grows onnxruntime's arena) —
-        except on a :attr:`~engines.base.Engine.parallel` engine holding several jobs, whose
-        later pieces then each take a share of the cores, and every thread advances any job
-        while no line is starting."""
+        The first thread (:data:`_EVERY`) takes every job; the others (:data:`_STARTS`) only a
+        job's first piece, so a new line starts while the first thread is in another stream's
+        long window, and at most one long window is in flight (each concurrent run grows
+        onnxruntime's arena). A :attr:`~engines.base.Engine.parallel` engine has one more
+        (:data:`_TURNS`) that takes later pieces while the worker holds several jobs, each run
+        then on a share of the cores: two streams' windows at once, and the start thread still
+        free for a new line."""
         work = self._work
 
         def takeable(job: _Job) -> bool:
@@ -355,14 +362,14 @@ class WorkerRuntime:
             now = time.monotonic()
             if job.playback.first is None:
                 # As next_up has it: no start while a listener has less audio than a start takes.
-                return not any(j.playback.first is not None and j.playback.lead(now) < self._start_cost for j in self._active)
+                return role != _TURNS and not any(
+                    j.playback.first is not None and j.playback.lead(now) < self._start_cost for j in self._active
+                )
+            if role == _STARTS or (role == _TURNS and len(self._active) < 2):
+                return False
             # While another thread starts a line, the cores are its: only a listener about to
             # run dry is fed meanwhile.
             starting = any(j.busy and j.playback.first is None for j in self._active)
-            if self.engine.parallel and len(self._active) > 1 and not starting:
-                return True
-            if starts_only:
-                return False
             return not starting or job.playback.lead(now) < SLACK * self._start_cost
 
         try:
@@ -370,7 +377,7 @@ class WorkerRuntime:
                 with work:
                     idle = False
                     while not self._stopping and not any(takeable(j) for j in self._active):
-                        if not starts_only and self._grown and not self._active:
+                        if role == _EVERY and self._grown and not self._active:
                             idle = not work.wait(self.idle_release_s) and not self._active
                             if idle:
                                 self._grown = False
@@ -405,7 +412,7 @@ class WorkerRuntime:
                     if done:
                         self._active.remove(job)
                         job.released.set()
-                    elif starts_only and starting and job.playback.first is not None:
+                    elif role == _STARTS and job.playback.first is not None:
                         # Started here: its next piece is the first thread's, which may be in a long one.
                         self._make_way(job, time.monotonic())
                     if starting and job.playback.first is not None:

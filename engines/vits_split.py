@@ -388,13 +388,14 @@ class FrameStreamer:
     narrow: Optional[Parts] = None
     """Sessions on half the cores: for a stream's runs with audio in hand while other jobs take
     turns, two of which then run at once (``Engine.parallel``). On 2 cores a run on one thread
-    takes ~1.6x its time on two (in one process: a 128-frame window 100 ms against 62), so two
-    at once get more done, and neither waits for the other's long window: four passages sent at
-    once, served, A/B runs of 4, 7 and 7 rounds, wall time 0.91x, 0.83x and 0.86x (paired
-    medians), no underrun against 3, 1 and 9 with every run one at a time on both cores. A line's first run
-    keeps :attr:`fast` (the runtime holds the others back meanwhile): with first runs narrow too,
-    the table scene's worst NPC line's first audio came 1.2-1.7x later. None on a GPU, or on one
-    thread: the runs of several jobs then take ``fast``, one at a time."""
+    takes ~1.6x its time on two (in one process: a 128-frame window 100 ms against 62), and two
+    at once about as long as both one after the other on two, so no work is saved, but no
+    listener waits behind another stream's long window: four passages sent at once, served,
+    0.83-0.91x the wall time in three A/B runs, with no underrun (README, "Several voices at
+    once", for what it costs the table scene). A line's first run keeps :attr:`fast` (the
+    runtime holds the others back meanwhile): with first runs narrow too, the table scene's
+    worst NPC line's first audio came 1.2-1.7x later. None on a GPU, or on one thread: the runs
+    of several jobs then take ``fast``, one at a time."""
 
     def cached_gain(self, calibrate: Callable[[], float]) -> float:
         """The voice's frame-mode gain: measured once (it costs a decode of a few sentences), then read."""

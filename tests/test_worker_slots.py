@@ -247,23 +247,25 @@ def test_a_new_line_starts_on_the_second_thread_and_interrupts_a_long_piece_that
 
 
 class _Turns(_Pieces):
-    """A test engine with two synthesis threads: ``N`` speaks N pieces, each after the first taking
-    50 ms (asleep, as a model's run releases the GIL); it counts those in progress at once."""
+    """A test engine with two synthesis threads: ``N`` speaks N pieces, 1 s of audio and then 0.1 s
+    each, those after the first taking ``piece_s`` (asleep, as a model's run releases the GIL);
+    it counts those in progress at once."""
 
     threads = 2
+    slots = 3
 
-    def __init__(self, parallel: bool) -> None:
-        self.parallel = parallel
+    def __init__(self, parallel: bool, piece_s: float = 0.05) -> None:
+        self.parallel, self.piece_s = parallel, piece_s
         self.lock = threading.Lock()
         self.running = self.most = 0
 
     def speak(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
-        yield np.zeros(RATE // 10, dtype=np.float32)
+        yield np.zeros(RATE, dtype=np.float32)  # 1 s: its listener has audio in hand
         for _ in range(int(text.split()[0]) - 1):
             with self.lock:
                 self.running += 1
                 self.most = max(self.most, self.running)
-            time.sleep(0.05)
+            time.sleep(self.piece_s)
             with self.lock:
                 self.running -= 1
             yield np.zeros(RATE // 10, dtype=np.float32)
@@ -285,8 +287,34 @@ def test_a_parallel_engine_advances_two_jobs_at_once_and_any_other_one_at_a_time
         b.close()
     assert engine.most == (2 if parallel else 1)
     for job in (b"A", b"B"):
-        assert [ev.seq for j, _, ev in log if j == job and isinstance(ev, tts.Audio)] == list(range(10))
+        assert [ev.seq for j, _, ev in log if j == job and isinstance(ev, tts.Audio)] == list(range(19))  # 1 s, then nine of 0.1 s
         assert isinstance(next(ev for j, final, ev in log if j == job and final), tts.End)
+
+
+def test_while_two_streams_are_in_long_pieces_a_new_line_still_starts_at_once() -> None:
+    engine = _Turns(parallel=True, piece_s=0.6)
+    b = _Broker(engine)
+    try:
+        b.request(b"A", "3")
+        b.request(b"B", "3")
+        log = []
+        for reply in b.replies():
+            log.append(reply)
+            if all(sum(1 for j, _, ev in log if j == job and isinstance(ev, tts.Audio)) == 10 for job in (b"A", b"B")):
+                break  # both first pieces out (1 s in 100 ms chunks)
+        time.sleep(0.1)
+        assert engine.running == 2  # both in a later piece
+        b.request(b"C", "1")
+        after: list = []
+        for reply in b.replies():
+            after.append(reply)
+            if reply[0] == b"C" and reply[1]:
+                break
+    finally:
+        b.close()
+    assert isinstance(after[-1][2], tts.End)
+    spoken = max(i for i, (job, _, ev) in enumerate(after) if job == b"C" and isinstance(ev, tts.Audio))
+    assert [job for job, _, _ in after[: spoken + 1] if job != b"C"] == [], "the new line waited for another stream's piece"
 
 
 def test_a_run_is_interrupted_only_for_a_listener_that_cannot_wait_and_by_one_that_can() -> None:
