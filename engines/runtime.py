@@ -413,7 +413,7 @@ class WorkerRuntime:
                         self._active.remove(job)
                         job.released.set()
                     elif role == _STARTS and job.playback.first is not None:
-                        # Started here: its next piece is the first thread's, which may be in a long one.
+                        # Started here: its next piece is another thread's, which may be in a long one.
                         self._make_way(job, time.monotonic())
                     if starting and job.playback.first is not None:
                         self._start_cost += 0.25 * (time.monotonic() - now - self._start_cost)
