@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -271,6 +271,16 @@ class _Turns(_Pieces):
             yield np.zeros(RATE // 10, dtype=np.float32)
 
 
+def _collect(b: _Broker, until: Callable[[list], bool]) -> list:
+    """The worker's replies as they come, until ``until(replies so far)``."""
+    log: list = []
+    for reply in b.replies():
+        log.append(reply)
+        if until(log):
+            return log
+    raise AssertionError("unreachable: replies() asserts the worker keeps talking")
+
+
 @pytest.mark.parametrize("parallel", [True, False])
 def test_a_parallel_engine_advances_two_jobs_at_once_and_any_other_one_at_a_time(parallel: bool) -> None:
     engine = _Turns(parallel)
@@ -278,11 +288,7 @@ def test_a_parallel_engine_advances_two_jobs_at_once_and_any_other_one_at_a_time
     try:
         b.request(b"A", "10")
         b.request(b"B", "10")
-        log = []
-        for reply in b.replies():
-            log.append(reply)
-            if sum(final for _, final, _ in log) == 2:
-                break
+        log = _collect(b, lambda log: sum(final for _, final, _ in log) == 2)
     finally:
         b.close()
     assert engine.most == (2 if parallel else 1)
@@ -297,19 +303,12 @@ def test_while_two_streams_are_in_long_pieces_a_new_line_still_starts_at_once() 
     try:
         b.request(b"A", "3")
         b.request(b"B", "3")
-        log = []
-        for reply in b.replies():
-            log.append(reply)
-            if all(sum(1 for j, _, ev in log if j == job and isinstance(ev, tts.Audio)) == 10 for job in (b"A", b"B")):
-                break  # both first pieces out (1 s in 100 ms chunks)
+        # Both first pieces out (1 s in 100 ms chunks), then both in a later one.
+        _collect(b, lambda log: all(sum(1 for j, _, ev in log if j == job and isinstance(ev, tts.Audio)) == 10 for job in (b"A", b"B")))
         time.sleep(0.1)
-        assert engine.running == 2  # both in a later piece
+        assert engine.running == 2
         b.request(b"C", "1")
-        after: list = []
-        for reply in b.replies():
-            after.append(reply)
-            if reply[0] == b"C" and reply[1]:
-                break
+        after = _collect(b, lambda log: log[-1][0] == b"C" and log[-1][1])
     finally:
         b.close()
     assert isinstance(after[-1][2], tts.End)
