@@ -164,7 +164,8 @@ def test_first_audio_runs_on_spinning_sessions_the_rest_on_lean_ones_and_shared_
     """A lone listener waiting: the sessions whose threads spin (first audio sooner); once it has
     audio, the lean ones (less CPU); while other jobs take turns, the narrow ones (two runs at
     once, a share of the cores each). Every set decodes the same windows alike."""
-    sets = [streamer.fast, streamer.lean, streamer.narrow]
+    shared_set = streamer.narrow or streamer.fast  # no narrow set on one core
+    sets = [streamer.fast, streamer.lean, *([streamer.narrow] if streamer.narrow else [])]
     assert all(
         getattr(a, part) is not getattr(b, part) for a, b in itertools.combinations(sets, 2) for part in ("frontend", "flow", "vocoder")
     )
@@ -180,7 +181,7 @@ def test_first_audio_runs_on_spinning_sessions_the_rest_on_lean_ones_and_shared_
     playback.sent(0.1, time.monotonic())
     assert streamer.parts(pacing) is streamer.lean
     jobs.append(Job(Playback(arrived=time.monotonic())))
-    assert streamer.parts(pacing) is streamer.narrow
+    assert streamer.parts(pacing) is shared_set
     assert streamer.parts(Pacing(Playback(arrived=time.monotonic()), lambda: jobs)) is streamer.fast  # a line starting
     latents = streamer.latents(_feeds(voice, LONG, noise=1.0))
     whole = streamer.decode(latents, 0, streamer.frames(latents))
