@@ -30,6 +30,7 @@ import zmq.asyncio
 
 from . import mdp, tts
 from .keys import KeySource, connecting_keys, secure_connect
+from .polling import poll_ms
 from .tts import Audio, End, Error, Event, Start
 
 
@@ -184,7 +185,7 @@ class TtsClient:
         """Next valid reply within ``timeout`` seconds (malformed ones are skipped), else None."""
         deadline = time.monotonic() + timeout
         while True:
-            ready = dict(self._poller.poll(max(0.0, deadline - time.monotonic()) * 1000))
+            ready = dict(self._poller.poll(poll_ms(deadline - time.monotonic())))
             if not ready:
                 return None
             if self._monitor in ready:

@@ -27,6 +27,7 @@ import zmq.backend
 
 from . import mdp
 from .core import Action, BrokerCore, CoreSettings
+from .polling import poll_ms
 
 if TYPE_CHECKING:
     from .metrics import BrokerMetrics
@@ -142,8 +143,7 @@ class BrokerServer:
         next_tick = time.monotonic() + period
         try:
             while not self.stop_event.is_set():
-                timeout = max(0.0, next_tick - time.monotonic())
-                ready = dict(poller.poll(timeout * 1000))
+                ready = dict(poller.poll(poll_ms(next_tick - time.monotonic())))
                 if self.backend in ready:
                     if self.security is None:
                         self._drain(self.backend, core.on_worker)
