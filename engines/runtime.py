@@ -484,6 +484,7 @@ class WorkerRuntime:
             first: Optional[float] = None
             width = tts.SAMPLE_WIDTH[request.format]
             pacing = job.pacing
+            pacing.chunk_s = request.chunk_ms / 1000
 
             def send(chunks: Iterator[bytes]) -> None:
                 nonlocal seq, samples, first

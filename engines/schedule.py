@@ -75,6 +75,10 @@ class Pacing:
         self._lock = threading.Lock()
         self._stop_run: Optional[Callable[[], None]] = None
         self._run_cost = 0.0
+        self.chunk_s = 0.0
+        """Seconds of audio per chunk sent to the listener (set once the request is read): up
+        to this much of a piece's end waits for the next piece before it goes out, so it is not
+        yet in :meth:`lead` (0: a piece is sent whole)."""
 
     @contextmanager
     def interruptible(self, stop: Callable[[], None], cost: float) -> Iterator[None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -220,6 +221,28 @@ def test_a_lone_sentences_first_window_grows_when_that_lets_the_second_finish_it
     assert short[0] == (0, SCHEDULE[0]) and len(short) == 2, short
     for w, total in ((mid, 264), (long, 1243), (short, 90)):
         assert w[0][0] == 0 and w[-1][1] == total and all(a[1] == b[0] for a, b in zip(w, w[1:]))
+
+
+def test_a_lone_sentences_first_window_also_covers_the_audio_its_chunks_hold_back(streamer: FrameStreamer) -> None:
+    """Served, audio goes out in whole chunks: up to one chunk of the first window's end waits
+    for the second window, and is not in the listener's hand when that window's size is chosen.
+    The first window is sized for that, so the second still finishes the sentence."""
+    from engines.vits_split import FIRST_MAX
+
+    sized = dataclasses.replace(streamer, vocoder_cost_s=0.0004, flow_cost_s=0.0001)
+    chunk_s = 0.04
+    for total in range(150, 305, 7):  # up to where FIRST_MAX allows it at these costs
+        playback = Playback(arrived=time.monotonic())
+        pacing = Pacing(playback, lambda: ())
+        pacing.chunk_s = chunk_s
+        made = 0.0
+        out = []
+        for start, end in sized.windows(total, pacing):
+            out.append((start, end))
+            made += (end - start) * HOP / sized.rate
+            whole = math.floor(made / chunk_s) * chunk_s  # what the chunk encoder lets out
+            playback.sent(whole - playback.audio_s, time.monotonic())
+        assert len(out) == 2 and out[0][1] <= FIRST_MAX, (total, out)
 
 
 def test_every_session_runs_on_the_threads_it_is_given(tmp_path: Path) -> None:
