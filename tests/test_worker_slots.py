@@ -365,6 +365,7 @@ class _Paced:
         self.own, self.others, self.n = own, others, sharing
 
     paced = True
+    chunk_s = 0.0
 
     def budget(self) -> float:
         return self.own
