@@ -159,6 +159,13 @@ def test_the_flow_and_the_vocoder_are_timed_apart_and_a_window_costs_what_its_pa
     assert costs.window_cost(100, margins=1) == pytest.approx(v * (100 + m) + f * (100 + fm))
 
 
+@dataclasses.dataclass
+class _Job:
+    """What the pacing reads of a worker's job."""
+
+    playback: Playback
+
+
 def test_first_audio_runs_on_spinning_sessions_the_rest_on_lean_ones_and_shared_turns_on_half_the_cores(
     voice: PiperVoice, streamer: FrameStreamer
 ) -> None:
@@ -171,17 +178,13 @@ def test_first_audio_runs_on_spinning_sessions_the_rest_on_lean_ones_and_shared_
         getattr(a, part) is not getattr(b, part) for a, b in itertools.combinations(sets, 2) for part in ("frontend", "flow", "vocoder")
     )
 
-    class Job:
-        def __init__(self, playback: Playback) -> None:
-            self.playback = playback
-
     playback = Playback(arrived=time.monotonic())
-    jobs = [Job(playback)]
+    jobs = [_Job(playback)]
     pacing = Pacing(playback, lambda: jobs)
     assert streamer.parts(pacing) is streamer.fast
     playback.sent(0.1, time.monotonic())
     assert streamer.parts(pacing) is streamer.lean
-    jobs.append(Job(Playback(arrived=time.monotonic())))
+    jobs.append(_Job(Playback(arrived=time.monotonic())))
     assert streamer.parts(pacing) is shared_set
     assert streamer.parts(Pacing(Playback(arrived=time.monotonic()), lambda: jobs)) is streamer.fast  # a line starting
     latents = streamer.latents(_feeds(voice, LONG, noise=1.0))
@@ -551,3 +554,10 @@ def test_a_line_that_starts_with_a_few_words_is_windowed_for_its_listener_and_a_
     assert runs == {"whole": 1, "front": 1} and len(later) == 1
     # Same words, same voice: about the same length either way (the voice's duration noise aside).
     assert 0.5 < sum(map(len, first)) / sum(map(len, later)) < 2
+    # Beside another job's half-core windows, not on every core: the split, on half the cores.
+    other = Playback(arrived=time.monotonic(), first=time.monotonic(), audio_s=5.0)
+    mine = Playback(arrived=time.monotonic(), first=time.monotonic(), audio_s=5.0)
+    sharing = Pacing(mine, lambda: [_Job(mine), _Job(other)])
+    if engine.frames.narrow is not None:
+        shared = [p for p in engine._speak_frames(text, request, sharing) if isinstance(p, np.ndarray) and len(p)]
+        assert runs == {"whole": 1, "front": 2} and shared
