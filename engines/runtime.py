@@ -504,8 +504,7 @@ class WorkerRuntime:
                     raise _Cancelled
                 # A piece's chunks cross to the socket thread as one message, which sends each
                 # (``_drain_pipe``): one at a time, each send handed the GIL to that thread and
-                # back, and a 3-second window's 70 chunks took this thread 1.9 ms (now 0.7) before
-                # the next window could start.
+                # back, 5 ms for a 3-second window's 70 chunks before the next window could start.
                 emit(_AUDIO, [job.rid, str(seq).encode(), *pcms])
                 now = time.monotonic()
                 first = first or now
