@@ -62,9 +62,6 @@ first piece only, or a later piece while the worker holds several jobs."""
 
 _PARTIAL = b"P"
 _FINAL = b"F"
-_AUDIO = b"A"
-"""Kinds of message on the pipe from the synthesis threads to the socket thread: a PARTIAL
-body, a FINAL body, or a piece's audio chunks (sent as one PARTIAL each)."""
 
 IDLE_RELEASE_S = 30.0
 """Seconds with nothing to do after which a worker gives back the memory serving grew
@@ -302,11 +299,6 @@ class WorkerRuntime:
             job = self._jobs.get(address)
             if job is None or gen != job.generation:
                 continue
-            if kind == _AUDIO:  # a piece's chunks: [rid, first seq, pcm, pcm, …]
-                rid, seq = body[0], int(body[1])
-                for n, pcm in enumerate(body[2:]):
-                    self._send(mdp.WorkerReply(address, tts.Audio(seq + n, pcm).body(rid), False).frames())
-                continue
             final = kind == _FINAL
             self._send(mdp.WorkerReply(address, body, final).frames())
             if final:
@@ -497,21 +489,15 @@ class WorkerRuntime:
             def send(chunks: Iterator[bytes]) -> None:
                 nonlocal seq, samples, first
                 starting = first is None
-                pcms = list(chunks)
-                if not pcms:
-                    return
-                if job.cancel.is_set():
-                    raise _Cancelled
-                # A piece's chunks cross to the socket thread as one message, which sends each
-                # (``_drain_pipe``): one at a time, each send handed the GIL to that thread and
-                # back, 5 ms for a 3-second window's 70 chunks before the next window could start.
-                emit(_AUDIO, [job.rid, str(seq).encode(), *pcms])
-                now = time.monotonic()
-                first = first or now
-                n = sum(len(pcm) for pcm in pcms) // width
-                job.playback.sent(n / rate, now)
-                seq += len(pcms)
-                samples += n
+                for pcm in chunks:
+                    if job.cancel.is_set():
+                        raise _Cancelled
+                    emit(_PARTIAL, tts.Audio(seq, pcm).body(job.rid))
+                    now = time.monotonic()
+                    first = first or now
+                    job.playback.sent(len(pcm) / width / rate, now)
+                    seq += 1
+                    samples += len(pcm) // width
                 if starting and first is not None and len(self._active) == 1:
                     time.sleep(RELAY_PAUSE_S)
 
