@@ -335,8 +335,11 @@ class PiperEngine(Engine):
         plan = self._plan(text, pieces) if timed else []
         for i, phonemes in enumerate(pieces):
             feeds = self._feeds(phonemes, request.speed)
-            if feeds["input"].shape[1] <= _SHORT_IDS and not pacing.waiting() and not self._overlapping(pacing):
-                # Audio in hand: one run of the whole voice is cheaper than three graphs.
+            # Audio in hand: one run of the whole voice is cheaper than three graphs, except beside
+            # other jobs' runs on the split's half-core sessions: the whole voice runs on every core,
+            # and there it made three threads on two cores (traced in the table scene: a short
+            # sentence that takes ~30 ms alone took 133 ms).
+            if feeds["input"].shape[1] <= _SHORT_IDS and not pacing.waiting() and self.frames.parts(pacing) is not self.frames.narrow:
                 if timed:
                     audio, durations = self.voice.session.run([self.voice.session.get_outputs()[0].name, self.durations_output], feeds)
                     if (alignment := self._alignment(plan[i], durations)) is not None:
@@ -352,14 +355,6 @@ class PiperEngine(Engine):
                 yield alignment
             for audio in self.frames.stream(latents, pacing):
                 yield soft_limit(audio * self.frame_gain)
-
-    def _overlapping(self, pacing: Pacing) -> bool:
-        """Whether this job's runs now overlap another job's, each on the split's half-core
-        sessions (``FrameStreamer.narrow``). The whole voice runs on every core: beside a
-        half-core window it made three threads on two cores, and a short sentence that takes
-        ~30 ms alone took 133 ms (traced in the table scene)."""
-        assert self.frames is not None
-        return self.frames.narrow is not None and pacing.sharing() > 1
 
     def _speak_sentences(self, text: str, request: SynthesisRequest) -> Iterator[Union[np.ndarray, Alignment]]:
         config = SynthesisConfig(length_scale=(self.voice.config.length_scale or 1.0) / request.speed)
