@@ -618,7 +618,7 @@ class FrameStreamer:
         wait = SLACK * (pacing.starting() * pacing.start_cost() + self.window_cost(later)) / SUSTAIN
         return max(self.schedule[0], math.ceil(wait * self.rate / HOP))
 
-    def _first_alone(self, total: int, held: float = 0.0) -> int:
+    def _first_alone(self, total: int, held: float) -> int:
         """A lone line's first window: the schedule's first, for first audio, unless a few frames
         more (up to :data:`FIRST_MAX`) make its audio last, with :data:`SLACK`, while the second
         window decodes all the rest of the sentence: one seam of margins
