@@ -33,7 +33,8 @@ from engines.alignment import BOS, EOS, Alignment, WordMap, align_piece, segment
 from engines.audio import soft_limit
 from engines.base import Engine
 from engines.schedule import UNPACED, Pacing, Playback
-from engines.vits_split import NOTHING, FrameStreamer, optimised_model, session_options, with_durations
+from engines.onnx_sessions import VoiceSessions
+from engines.vits_split import NOTHING, FrameStreamer, optimised_model, with_durations
 from models.registry import DEFAULT_PIPER_VOICE, resolve_piper_voice
 
 log = logging.getLogger("engines.piper")
@@ -218,13 +219,15 @@ class PiperEngine(Engine):
         self.model_path = files.model if stream_mode == "sentence" else optimised_model(files.model)
         log.info("loading Piper voice %s from %s (device %s)", files.name, self.model_path, "cuda" if use_cuda else "cpu")
         # One session, built with the worker's own options (no memory patterns: see
-        # engines/vits_split.session_options), that also outputs the phoneme durations (fetched
+        # engines/onnx_sessions.session_options), that also outputs the phoneme durations (fetched
         # only for timings, ``engines/alignment.py``). Not ``PiperVoice.load``'s, then replaced:
-        # the weights of a session built and dropped stayed in the heap (+65 MB of RSS).
+        # the weights of a session built and dropped stayed in the heap (+65 MB of RSS). Its
+        # weights and arena are shared with the split's sessions (``engines/onnx_sessions.py``).
         whole, self.durations_output = with_durations(self.model_path)
+        self.sessions = VoiceSessions(session_providers(use_cuda))
         self.voice = PiperVoice(
             config=PiperConfig.from_dict(json.loads(files.config.read_text(encoding="utf-8"))),
-            session=onnxruntime.InferenceSession(whole, session_options(threads=threads), providers=session_providers(use_cuda)),
+            session=self.sessions.open(whole, threads=threads),
             espeak_data_dir=ESPEAK_DATA_DIR,
         )
         del whole
@@ -247,7 +250,7 @@ class PiperEngine(Engine):
         self.stream_mode = "sentence"
         if stream_mode != "sentence":
             try:
-                self.frames = FrameStreamer.load(files.model, session_providers(use_cuda), files.sample_rate, threads=threads)
+                self.frames = FrameStreamer.load(files.model, self.sessions, files.sample_rate, threads=threads)
             except ValueError as exc:  # not a VITS graph we can cut
                 if stream_mode == "frames":
                     raise

