@@ -66,7 +66,7 @@ _FINAL = b"F"
 IDLE_RELEASE_S = 30.0
 """Seconds with nothing to do after which a worker gives back the memory serving grew
 (``Engine.release_memory``). Long enough that a scene's lines, seconds apart, find it warm:
-giving back costs one short run (~50-100 ms on 2 cores) that a line arriving then waits for,
+giving back costs a short run (~30 ms for a Piper voice on 2 cores) that a line arriving then waits for,
 and the next long window grows the arena again (~+17 % on a 512-frame window); first audio is
 otherwise unchanged (measured in one process)."""
 
