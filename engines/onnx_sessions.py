@@ -11,9 +11,10 @@ whose graph has it) and, on the CPU, one arena (``session.use_env_allocators``: 
 arena, registered once), which serves whichever runs are going on at the time.
 
 Measured in one process on 2 cores, a frames engine after the same long sentences and passages:
-RSS 530 MB busy against 721, 306 MB once idle release has run against 476; run times unchanged
-(interleaved, 12-30 pairs per case: last audio 0.99-1.01x). The arena's growth stays onnxruntime's
-default (powers of two): growing by exactly what is asked for fragmented it (723 MB busy).
+RSS 502 MB busy against 745, 306 MB once idle release has run against 476; served, worker and
+``serve`` right after load rounds 596-605 MB against 997-1,092; run times unchanged (interleaved
+pairs: last audio 0.98-1.03x). The arena's growth stays onnxruntime's default (powers of two):
+growing by exactly what is asked for fragmented it (723 MB busy against 558).
 
 On a GPU the sessions are built as before, each with its own weights: the device holds them
 there, and a shared host copy would only be kept alive for nothing (not measured: no GPU here).
@@ -31,7 +32,7 @@ import onnxruntime
 CPU = "CPUExecutionProvider"
 SHARED_MIN_BYTES = 64 * 1024
 """Weights at least this large are shared; smaller ones (shape constants, biases) stay each
-session's own, as they cost nothing and graph optimisations fold some of them."""
+session's own: they cost little, and sharing is kept to the tensors that matter."""
 
 
 def session_options(spinning: bool = True, threads: Optional[int] = None) -> onnxruntime.SessionOptions:
