@@ -370,7 +370,9 @@ class FrameStreamer:
         return gain
 
     @classmethod
-    def load(cls, model: Path, sessions: VoiceSessions, rate: int, cache: Path | None = None, threads: Optional[int] = None) -> "FrameStreamer":
+    def load(
+        cls, model: Path, sessions: VoiceSessions, rate: int, cache: Path | None = None, threads: Optional[int] = None
+    ) -> "FrameStreamer":
         split = split_model(model, cache)
         front_graph, durations = with_durations(split.frontend)
 

