@@ -95,10 +95,11 @@ class VoiceSessions:
     def open(self, graph: bytes | Path, spinning: bool = True, threads: Optional[int] = None) -> onnxruntime.InferenceSession:
         """A session of ``graph`` (serialised, or a file) with :func:`session_options`."""
         opts = session_options(spinning, threads)
-        shared = self._share(graph) if self.on_cpu else {}
+        shared = {}
         if self.on_cpu:
             _process_arena()
             opts.add_session_config_entry("session.use_env_allocators", "1")
+            shared = self._share(graph)
             for name, (_, value) in shared.items():
                 opts.add_initializer(name, value)
         session = onnxruntime.InferenceSession(graph if isinstance(graph, bytes) else str(graph), opts, providers=self.providers)
