@@ -62,7 +62,8 @@ class BrokerServer:
         self.ctx = context or (security.context if security is not None else zmq.Context.instance())
         self.frontend_ep = frontend
         self.backend_ep = backend
-        self.stop_event = threading.Event()
+        self._stop_asked = False
+        """Set by :meth:`stop`; a plain flag, not an Event, so a signal handler may set it."""
         self.frontend = self._router(max_message_bytes, client_hwm)
         # No ROUTER_HANDOVER: a peer connecting with a live worker's routing id
         # is refused rather than handed the worker's session (workers take a
@@ -142,7 +143,7 @@ class BrokerServer:
         period = min(core.s.heartbeat_s / 5, 0.05)
         next_tick = time.monotonic() + period
         try:
-            while not self.stop_event.is_set():
+            while not self._stop_asked:
                 ready = dict(poller.poll(poll_ms(next_tick - time.monotonic())))
                 if self.backend in ready:
                     if self.security is None:
@@ -224,7 +225,10 @@ class BrokerServer:
             return []
 
     def stop(self) -> None:
-        self.stop_event.set()
+        """Ask :meth:`run` to return (within a tick, 50 ms at most). Only a flag: ``python -m
+        broker`` calls it from its signal handlers, which may run again inside themselves
+        (``WorkerRuntime.stop``)."""
+        self._stop_asked = True
 
     def start_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="broker", daemon=True)

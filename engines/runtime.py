@@ -150,7 +150,8 @@ class WorkerRuntime:
         self.slots = slots or engine.slots
         """Jobs held at once (the engine's default unless configured)."""
         self.ctx = context or zmq.Context.instance()
-        self.stop_event = threading.Event()
+        self._stop_asked = False
+        """Set by :meth:`stop`; a plain flag, not an Event (see there)."""
         self._synth = synthesis_thread or synthesis_executor()
         self._generation = 0
         self._jobs: dict[bytes, _Job] = {}
@@ -234,7 +235,7 @@ class WorkerRuntime:
         poller = zmq.Poller()
         poller.register(self._pipe, zmq.POLLIN)
         try:
-            while not self.stop_event.is_set():
+            while not self._stop_asked:
                 sock = self._sock
                 assert sock is not None
                 poller.register(sock, zmq.POLLIN)
@@ -258,7 +259,11 @@ class WorkerRuntime:
             self._shutdown()
 
     def stop(self) -> None:
-        self.stop_event.set()
+        """Ask :meth:`run` to return within a heartbeat interval. It only sets a flag: the CLI calls
+        it from SIGTERM's handler, and a second SIGTERM (the supervisor's, a few ms after the one a
+        worker gets when the thread that started it ends) can land while the first handler is
+        still inside it; an ``Event.set`` there took its lock twice and wedged the worker."""
+        self._stop_asked = True
 
     def _stop_jobs(self, timeout: Optional[float]) -> None:
         """Cancel the jobs in hand and wait for the synthesis thread to let go (it checks between pieces)."""

@@ -190,6 +190,55 @@ def _running(pid: int) -> bool:
         return False
 
 
+_SIGNAL_INSIDE_HANDLER = """
+import os, signal, sys, threading
+from broker.server import BrokerServer
+from engines.runtime import WorkerRuntime
+from tests.conftest import free_port
+from tests.test_supervision import _Silence
+
+if sys.argv[1] == "worker":
+    target = WorkerRuntime(_Silence(), f"tcp://127.0.0.1:{free_port()}", heartbeat_s=0.05)
+else:
+    target = BrokerServer(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
+handler = lambda *_: target.stop()  # as the CLIs install it
+signal.signal(signal.SIGTERM, handler)
+
+def inside_handler(frame):
+    while frame is not None:
+        if frame.f_code is handler.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+def again(frame, event, arg):  # a second SIGTERM at every line the first one runs
+    if event == "line":
+        signal.raise_signal(signal.SIGTERM)
+    return again
+
+sys.settrace(lambda frame, event, arg: again if event == "call" and inside_handler(frame) else None)
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+target.run()
+print("stopped")
+"""
+
+
+@pytest.mark.parametrize("which", ["worker", "broker"])
+def test_a_second_sigterm_inside_the_first_ones_handler_still_stops_the_process(which: str) -> None:
+    """On shutdown a worker gets two SIGTERMs a few ms apart (its starting thread ends, then the
+    supervisor terminates it); the second can land while the first handler runs. Here it lands at
+    every line of it. A handler that took a lock (``Event.set``) wedged there until killed."""
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    try:
+        r = subprocess.run([sys.executable, "-c", _SIGNAL_INSIDE_HANDLER, which], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the {which} wedged in its own SIGTERM handler") from None
+    assert r.returncode == 0 and r.stdout.strip() == "stopped", r.stderr[-2000:]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers die with serve through Linux's PR_SET_PDEATHSIG")
 def test_kill_9_of_serve_leaves_no_worker_behind(tmp_path: Path) -> None:
     s = start_serve(tmp_path, None)  # the default configuration: one Piper worker
