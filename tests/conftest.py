@@ -82,6 +82,19 @@ def start_serve(tmp: Path, workers_toml: Optional[str], extra_broker: str = "", 
     return Served(proc, fe, be, log)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failing test's report ends with the last lines of every ``serve.log`` under its
+    ``tmp_path``: CI keeps only what is printed, not the test's files."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and isinstance(tmp, Path):
+        for log in sorted(tmp.rglob("serve.log")):
+            lines = log.read_text(errors="replace").splitlines()[-60:]
+            report.sections.append((f"{log.relative_to(tmp)}, last {len(lines)} lines", "\n".join(lines)))
+
+
 def stop_serve(served: Served) -> int:
     if served.proc.poll() is None:
         served.proc.send_signal(signal.SIGINT)
