@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -37,6 +38,9 @@ def worker_arguments(parser: argparse.ArgumentParser) -> None:
 def run_worker(args: argparse.Namespace, load: Callable[[], Engine]) -> None:
     """Load the engine (exit 2 with a clear message if that fails), then serve until SIGTERM/SIGINT."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A crash in native code (onnxruntime, torch, espeak-ng) leaves every thread's Python stack
+    # in the log, where ``serve`` collects the worker's output, instead of only an exit status.
+    faulthandler.enable()
     try:
         curve = connecting_keys(args.curve_key, args.broker_key)
     except CertificateError as exc:

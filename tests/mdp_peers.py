@@ -100,7 +100,7 @@ class RawClient:
         deadline = time.monotonic() + timeout
         while not all(s.done for s in streams):
             left = deadline - time.monotonic()
-            assert left > 0, "streams did not finish in time"
+            assert left > 0, f"streams did not finish in time: {[s.names() for s in streams]}; other replies {self.other[-3:]}"
             self.recv(left)
 
     def call(self, service: bytes, *body: bytes, timeout: float = 5.0) -> list[bytes]:

@@ -123,6 +123,29 @@ def test_worker_startup_errors_are_clear(tmp_path: Path) -> None:
     assert r.returncode == 2 and "device 'cuda' requested" in r.stderr
 
 
+def test_a_worker_that_crashes_in_native_code_leaves_its_threads_stacks_in_its_log(tiny_pt_voice: Path) -> None:
+    """What ``serve`` collects of a worker that segfaults (onnxruntime, torch and espeak-ng are
+    native code): every thread's Python stack, not only the exit status."""
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    argv = [sys.executable, "-m", "engines.piper", "--backend", f"tcp://127.0.0.1:{free_port()}", "--voice", str(tiny_pt_voice), "--device", "cpu"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "READY" in line:
+                break
+        os.kill(proc.pid, signal.SIGSEGV)
+        err = proc.stderr.read()
+        assert proc.wait(30) == -signal.SIGSEGV
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "Fatal Python error: Segmentation fault" in err and "engines/runtime.py" in err and "synth" in err, err[-3000:]
+
+
 class _Silence(Engine):
     """A test engine: 10 ms of silence per sentence."""
 
