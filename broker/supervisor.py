@@ -19,6 +19,7 @@ for its children (:class:`broker.security.LocalWorkerKeys`).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import signal
@@ -27,9 +28,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 from engines import registry as engines
+from engines.host_cores import HostCores
 
 from .config import Config, WorkerConfig
 
@@ -105,10 +108,18 @@ def gateway_argvs(cfg: Config) -> dict[str, list[str]]:
     return out
 
 
+def shares_cores(cfg: Config, w: WorkerConfig) -> bool:
+    """Whether ``w``'s workers get every core and a byte of the busy map (``engines/host_cores.py``)
+    instead of a share of the cores: engines that support it (Piper), where the config has
+    several workers and ``w`` does not set ``threads``."""
+    return w.threads is None and engines.get(w.engine).shares_cores and sum(x.count for x in cfg.workers) > 1
+
+
 def cpu_threads(cfg: Config, w: WorkerConfig, cores: Optional[int] = None) -> Optional[int]:
     """CPU threads for each of ``w``'s workers: its ``threads`` if set; else None (the engine's
-    default, every core) for the only worker of the config, and the cores shared out among
-    the config's workers when there are several (at least one each).
+    default, every core) for the only worker of the config or one that shares the cores
+    (:func:`shares_cores`), and the cores shared out among the config's workers otherwise
+    (at least one each).
 
     Each worker's pool otherwise spans every core, and two workers' pools on the same cores
     contend: on 2 cores with ``count = 2``, four passages sent at once took 1.46x
@@ -117,7 +128,7 @@ def cpu_threads(cfg: Config, w: WorkerConfig, cores: Optional[int] = None) -> Op
     if w.threads is not None:
         return w.threads
     workers = sum(x.count for x in cfg.workers)
-    if workers <= 1:
+    if workers <= 1 or shares_cores(cfg, w):
         return None
     return max(1, (cores or len(os.sched_getaffinity(0))) // workers)
 
@@ -152,10 +163,14 @@ class Supervisor:
     def __init__(
         self, cfg: Config, local_keys: Optional[LocalWorkerKeys] = None, on_restart: Optional[Callable[[str], None]] = None
     ) -> None:
+        sharing = sum(w.count for w in cfg.workers if shares_cores(cfg, w))
+        self.host_cores: Optional[Path] = HostCores.create(sharing) if sharing else None
+        """The busy map of the workers that share the cores (removed by :meth:`stop`)."""
+        byte = itertools.count()
         self.slots = [
-            _Slot(f"{service}#{i}", worker_argv(cfg, w, local_keys), service)
+            _Slot(f"{service}#{i}", argv + (["--host-cores", f"{self.host_cores}:{next(byte)}"] if shares_cores(cfg, w) else []), service)
             for w in cfg.workers
-            for service in [engines.get(w.engine).service(w.options)]
+            for service, argv in [(engines.get(w.engine).service(w.options), worker_argv(cfg, w, local_keys))]
             for i in range(w.count)
         ]
         self.slots += [_Slot(f"gateway.{kind}", argv, f"gateway.{kind}", gateway=True) for kind, argv in gateway_argvs(cfg).items()]
@@ -221,3 +236,5 @@ class Supervisor:
                 log.warning("worker pid %d did not stop; killing it", p.pid)
                 p.kill()
                 p.wait()
+        if self.host_cores is not None:
+            self.host_cores.unlink(missing_ok=True)

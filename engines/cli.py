@@ -12,6 +12,7 @@ from typing import Callable
 from broker.gcpause import freeze_startup_objects
 from broker.keys import CertificateError, connecting_keys
 from engines.base import Engine
+from engines.host_cores import HostCores
 from engines.runtime import WorkerRuntime, synthesis_executor
 
 log = logging.getLogger("engines")
@@ -33,6 +34,10 @@ def worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--curve-key", help="this worker's secret certificate (NAME.key_secret), for a broker with CURVE")
     parser.add_argument("--broker-key", help="the broker's public certificate (broker.key); with --curve-key")
+    parser.add_argument(
+        "--host-cores", metavar="PATH:INDEX",
+        help="the busy map shared with the other workers on these cores, and this worker's byte in it (set by serve)",
+    )
 
 
 def run_worker(args: argparse.Namespace, load: Callable[[], Engine]) -> None:
@@ -46,6 +51,11 @@ def run_worker(args: argparse.Namespace, load: Callable[[], Engine]) -> None:
     except CertificateError as exc:
         log.error("%s", exc)
         sys.exit(2)
+    try:
+        host = HostCores.parse(args.host_cores) if args.host_cores else None
+    except (OSError, ValueError) as exc:
+        log.error("--host-cores: %s", exc)
+        sys.exit(2)
     synth = synthesis_executor()  # load on the thread that will synthesise: see engines/runtime.py
     try:
         engine = synth.submit(load).result()
@@ -54,7 +64,7 @@ def run_worker(args: argparse.Namespace, load: Callable[[], Engine]) -> None:
         sys.exit(2)
     runtime = WorkerRuntime(
         engine, args.backend, heartbeat_s=args.heartbeat_ms / 1000, liveness=args.liveness, slots=args.slots, synthesis_thread=synth,
-        curve=curve,
+        curve=curve, host=host,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: runtime.stop())

@@ -49,6 +49,10 @@ class EngineSpec:
     """A chain step ``NAME:ARG`` (ARG None for plain ``NAME``) → (service, voice to request)."""
     rank: int = 50
     """Order among engines in a default chain (lower first)."""
+    shares_cores: bool = False
+    """Its workers take ``--host-cores`` (``engines/host_cores.py``) and, beside other workers of
+    one config, get every core and decode on their share only while another is busy, instead of
+    a fixed share (``broker.supervisor.shares_cores``)."""
 
 
 _SPECS: dict[str, EngineSpec] = {}
@@ -128,6 +132,7 @@ register(
         module="engines.piper",
         options=PiperOptions,
         service_prefix="piper.",
+        shares_cores=True,
         service=lambda o: f"piper.{_piper_voice(o)}",
         argv=_piper_argv,
         voices=lambda o: [_piper_voice(o)],

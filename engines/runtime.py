@@ -51,6 +51,7 @@ from broker.keys import CurveKeys, secure_connect
 from engines.alignment import Alignment, to_timing
 from engines.audio import ChunkEncoder
 from engines.base import Engine
+from engines.host_cores import BUSY, IDLE, STARTING, HostCores
 from engines.schedule import SLACK, UNPACED, HasPlayback, Pacing, Playback, next_up
 from engines.text import split_sentences
 
@@ -139,8 +140,11 @@ class WorkerRuntime:
         context: Optional[zmq.Context] = None,
         synthesis_thread: Optional[ThreadPoolExecutor] = None,
         curve: Optional[CurveKeys] = None,
+        host: Optional[HostCores] = None,
     ) -> None:
         self.engine = engine
+        self.host = host
+        """The workers this one shares the machine's cores with (``engines/host_cores.py``); None: alone."""
         self.curve = curve
         """CURVE keys for a broker with ``[security] curve = true``; None: plain ZeroMQ."""
         self.backend = backend
@@ -161,6 +165,8 @@ class WorkerRuntime:
         self._active: list[_Job] = []
         """Jobs handed to the synthesis threads and not yet let go."""
         self._stopping = False
+        self._host_state = IDLE
+        """What this worker last told the others on its cores (``_publish_state``)."""
         self._running = 0
         """Synthesis threads still in their loop (the last one out closes the pipe's sending end)."""
         self._start_cost = 0.1
@@ -231,6 +237,8 @@ class WorkerRuntime:
         self._synth.submit(self._synthesis_loop, _EVERY)
         for n, role in enumerate(roles[1:], 1):
             threading.Thread(target=self._synthesis_loop, args=(role,), name=f"synth-{role}-{n}", daemon=True).start()
+        if self.host is not None:
+            threading.Thread(target=self._watch_host, name="host-cores", daemon=True).start()
         self._connect()
         poller = zmq.Poller()
         poller.register(self._pipe, zmq.POLLIN)
@@ -282,6 +290,8 @@ class WorkerRuntime:
         with self._work:
             self._stopping = True
             self._work.notify_all()
+        if self.host is not None:
+            self.host.close()
         self._synth.shutdown(wait=False)
         if self._sock is not None:
             try:
@@ -308,6 +318,42 @@ class WorkerRuntime:
             self._send(mdp.WorkerReply(address, body, final).frames())
             if final:
                 del self._jobs[address]
+
+    # ------------------------------------------------ workers sharing the cores
+
+    def _publish_state(self) -> None:
+        """Tell the workers on the same cores what this one does now (under ``_work``)."""
+        if self.host is not None:
+            starting = any(j.playback.first is None and not j.cancel.is_set() for j in self._active)
+            state = STARTING if starting else BUSY if self._active else IDLE
+            if state != self._host_state:
+                self.host.set(state)
+                if state == STARTING:
+                    self.host.announce_start()
+                self._host_state = state
+
+    def _elsewhere(self) -> int:
+        """Other workers on the same cores that hold a job now (``Pacing.others_on_host``)."""
+        return self.host.others()[0] if self.host is not None else 0
+
+    def _others_starting(self) -> bool:
+        return self.host is not None and self.host.others()[1] > 0
+
+    def _watch_host(self) -> None:
+        """When another worker on the same cores starts a line, cut short this one's run in
+        progress where its listener can wait, as for a line of its own (``_make_way``); while
+        that worker starts, ``_synthesis_loop`` feeds only listeners about to run dry."""
+        assert self.host is not None
+        while not self._stopping:
+            try:
+                woken = self.host.wait_start(0.5)
+            except (OSError, ValueError):  # closed by _shutdown
+                return
+            if woken:
+                with self._work:
+                    for job in self._active:
+                        if job.busy and job.playback.first is not None and job.pacing.interrupt(self._start_cost, 0.0):
+                            log.debug("worker %s: job %s makes way for another worker's new line", self.identity, job.address.hex())
 
     def _on_broker(self, frames: list[bytes]) -> None:
         self._broker_expires = time.monotonic() + self.heartbeat_s * self.liveness
@@ -339,10 +385,11 @@ class WorkerRuntime:
             self._send(mdp.WorkerReply(cmd.address, tts.error_body(rid, tts.BAD_REQUEST, "expected request id and JSON"), True).frames())
             return
         job = _Job(cmd.address, rid, cmd.body[1], self._generation, Playback(time.monotonic()))
-        job.pacing = Pacing(job.playback, lambda: list(self._active), lambda: self._start_cost)
+        job.pacing = Pacing(job.playback, lambda: list(self._active), lambda: self._start_cost, elsewhere=self._elsewhere)
         self._jobs[cmd.address] = job
         with self._work:
             self._active.append(job)
+            self._publish_state()
             self._work.notify_all()  # a thread that takes only some pieces must not swallow the wake-up
 
     # ------------------------------------------------------------ synthesis
@@ -370,11 +417,11 @@ class WorkerRuntime:
                 return role != _TURNS and not any(
                     j.playback.first is not None and j.playback.lead(now) < self._start_cost for j in self._active
                 )
-            if role == _STARTS or (role == _TURNS and len(self._active) < 2):
-                return False
+            if role == _STARTS or (role == _TURNS and (len(self._active) < 2 or self._elsewhere())):
+                return False  # (another worker's runs take the cores a second run here would)
             # While another thread starts a line, the cores are its: only a listener about to
             # run dry is fed meanwhile.
-            starting = any(j.busy and j.playback.first is None for j in self._active)
+            starting = self._others_starting() or any(j.busy and j.playback.first is None for j in self._active)
             return not starting or job.playback.lead(now) < SLACK * self._start_cost
 
         try:
@@ -422,6 +469,7 @@ class WorkerRuntime:
                         self._make_way(job, time.monotonic())
                     if starting and job.playback.first is not None:
                         self._start_cost += 0.25 * (time.monotonic() - now - self._start_cost)
+                    self._publish_state()
                     work.notify_all()
         except Exception:  # a bug here must not leave the socket thread waiting for ever
             log.exception("worker %s: synthesis loop failed", self.identity)

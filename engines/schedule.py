@@ -67,10 +67,12 @@ class Pacing:
         jobs: Callable[[], Sequence["HasPlayback"]],
         start_cost: Callable[[], float] = lambda: 0.0,
         share: float = 0.5,
+        elsewhere: Callable[[], int] = lambda: 0,
     ) -> None:
         self._playback = playback
         self._jobs = jobs
         self._start_cost = start_cost
+        self._elsewhere = elsewhere
         self._share = share
         self._lock = threading.Lock()
         self._stop_run: Optional[Callable[[], None]] = None
@@ -119,6 +121,11 @@ class Pacing:
     def sharing(self) -> int:
         """Jobs this worker advances in turns now, this one included."""
         return max(1, len(self._jobs()))
+
+    def others_on_host(self) -> int:
+        """Other workers on the same cores that hold a job now (``engines/host_cores.py``): their
+        runs overlap this job's, as those of this worker's jobs taking turns do."""
+        return self._elsewhere()
 
     def starting(self) -> int:
         """Other jobs on this worker that have not sent their first audio yet (each goes before

@@ -427,12 +427,13 @@ class FrameStreamer:
     def parts(self, pacing: Pacing) -> Parts:
         """The sessions for a run of this job now: :attr:`fast` while its listener waits,
         :attr:`narrow` while other jobs take turns with it (their runs overlap this one), else
-        :attr:`lean`. Without ``narrow`` (a GPU, one thread), ``fast`` for the runs of several jobs
+        :attr:`lean` (:attr:`narrow` too while another worker on the same cores holds a job:
+        ``engines/host_cores.py``). Without ``narrow`` (a GPU, one thread), ``fast`` for the runs of several jobs
         too: a pool that sleeps loses the cores to one that spins (the table scene's narration, run lean
         beside its NPC lines' spinning first windows, ended 3-8 % later in four A/B runs out of four)."""
         if pacing.waiting():
             return self.fast
-        return (self.narrow or self.fast) if pacing.sharing() > 1 else self.lean
+        return (self.narrow or self.fast) if pacing.sharing() > 1 or pacing.others_on_host() else self.lean
 
     def frames(self, latents: dict[str, np.ndarray]) -> int:
         return int(max(v.shape[-1] for v in latents.values()))

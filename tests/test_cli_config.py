@@ -43,9 +43,10 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, where: str) -> None
     assert where in str(err.value)
 
 
-def test_each_worker_gets_its_share_of_the_cores_unless_told(tmp_path: Path) -> None:
-    """One worker: no ``--threads`` (its pool spans every core); several: the cores shared out
-    among them, at least one each; ``threads`` set: that, whatever the count."""
+def test_each_worker_gets_its_share_of_the_cores_unless_told_or_it_shares_them(tmp_path: Path) -> None:
+    """One worker: no ``--threads`` (its pool spans every core); several: Piper's each get every
+    core and share them (``engines/host_cores.py``), other engines' the cores shared out among
+    them, at least one each; ``threads`` set: that, whatever the count."""
     from broker.supervisor import cpu_threads, worker_argv
 
     def threads(text: str, cores: int) -> list:
@@ -53,8 +54,9 @@ def test_each_worker_gets_its_share_of_the_cores_unless_told(tmp_path: Path) -> 
         return [cpu_threads(cfg, w, cores) for w in cfg.workers]
 
     assert threads("", 8) == [None]
-    assert threads("[[workers]]\ncount = 2\n", 8) == [4]
-    assert threads("[[workers]]\ncount = 2\n[[workers]]\nvoice = \"en_US-joe-medium\"\n", 2) == [1, 1]
+    assert threads("[[workers]]\ncount = 2\n", 8) == [None]
+    assert threads("[[workers]]\nengine = \"xtts\"\nmodel_dir = \"/tmp\"\ncount = 2\n", 8) == [4]
+    assert threads("[[workers]]\n[[workers]]\nengine = \"xtts\"\nmodel_dir = \"/tmp\"\n", 2) == [None, 1]
     assert threads("[[workers]]\ncount = 2\nthreads = 3\n", 2) == [3]
     cfg = load_config(_cfg(tmp_path, "[[workers]]\ncount = 2\nthreads = 3\n"))
     argv = worker_argv(cfg, cfg.workers[0])

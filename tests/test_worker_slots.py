@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -19,6 +20,7 @@ import zmq
 from broker import mdp, tts
 from broker.tts import SynthesisRequest
 from engines.base import Engine
+from engines.host_cores import BUSY, STARTING, HostCores
 from engines import runtime
 from engines.runtime import RELAY_PAUSE_S, WorkerRuntime
 from engines.schedule import Pacing, Playback, next_up
@@ -53,11 +55,13 @@ class _Pieces(Engine):
 class _Broker:
     """The broker side of one worker, by hand."""
 
-    def __init__(self, engine: Engine | None = None, idle_release_s: float = 10.0) -> None:
+    def __init__(self, engine: Engine | None = None, idle_release_s: float = 10.0, host: HostCores | None = None) -> None:
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.bind(self.endpoint)
-        self.runtime = WorkerRuntime(engine or _Pieces(), self.endpoint, heartbeat_s=0.5, liveness=20, idle_release_s=idle_release_s)
+        self.runtime = WorkerRuntime(
+            engine or _Pieces(), self.endpoint, heartbeat_s=0.5, liveness=20, idle_release_s=idle_release_s, host=host
+        )
         self.thread = threading.Thread(target=self.runtime.run)
         self.thread.start()
         assert self.sock.poll(10_000)
@@ -244,6 +248,92 @@ def test_a_new_line_starts_on_the_second_thread_and_interrupts_a_long_piece_that
     assert engine.interrupted == 1
     seqs = [ev.seq for job, _, ev in log if job == b"A" and isinstance(ev, tts.Audio)]
     assert seqs == list(range(21)), "a piece of A was lost or repeated"
+
+
+@pytest.fixture
+def host_map() -> Iterator[Path]:
+    """A busy map for two workers sharing the cores: this test's worker (0) and another (1)."""
+    path = HostCores.create(2)
+    yield path
+    path.unlink()
+
+
+def test_another_worker_starting_a_line_interrupts_a_long_piece_that_can_wait_and_holds_the_rest(host_map: Path) -> None:
+    """As for a line of its own: the other worker's first window gets the cores."""
+    engine, other = _Holding(), HostCores(host_map, 1)
+    b = _Broker(engine, host=HostCores(host_map, 0))
+    try:
+        b.request(b"A", "hold")
+        _collect(b, lambda log: sum(1 for _, _, ev in log if isinstance(ev, tts.Audio)) == 20)  # 2 s in hand, in the long piece
+        other.set(STARTING)
+        other.announce_start()
+        deadline = time.monotonic() + 20
+        while not engine.interrupted:
+            assert time.monotonic() < deadline, "the long piece was not cut short"
+            time.sleep(0.01)
+        # Held back while the other starts (its listener has ~2 s in hand): nothing but heartbeats.
+        assert not b.sock.poll(300) or isinstance(mdp.decode_worker(b.sock.recv_multipart()[1:]), mdp.WorkerHeartbeat)
+        other.set(BUSY)
+        log = _collect(b, lambda log: log[-1][1])
+    finally:
+        b.close()
+        other.close()
+    assert [type(ev).__name__ for _, _, ev in log] == ["Audio", "Mark", "End"] and log[0][2].seq == 20  # the piece made again
+
+
+class _Gated(_Pieces):
+    """A test engine whose first piece waits for :attr:`gate`."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def speak(self, text: str, request: SynthesisRequest) -> Iterator[np.ndarray]:
+        assert self.gate.wait(30)
+        yield from super().speak(text, request)
+
+
+def test_a_worker_tells_the_others_on_its_cores_when_it_starts_a_line_holds_jobs_and_is_idle(host_map: Path) -> None:
+    engine, other = _Gated(), HostCores(host_map, 1)
+    b = _Broker(engine, host=HostCores(host_map, 0))
+    woken = threading.Event()
+    watcher = threading.Thread(target=lambda: other.wait_start(20) and woken.set())
+    watcher.start()
+
+    def until(expected: tuple[int, int]) -> None:
+        deadline = time.monotonic() + 20
+        while other.others() != expected:
+            assert time.monotonic() < deadline, f"{other.others()} != {expected}"
+            time.sleep(0.005)
+
+    try:
+        assert other.others() == (0, 0)
+        b.request(b"A", "30 pieces")
+        until((1, 1))  # starting a line: held, no audio yet
+        watcher.join(20)
+        assert woken.is_set(), "the start was not announced"
+        engine.gate.set()
+        until((1, 0))  # past its first audio
+        _collect(b, lambda log: log[-1][1])
+        until((0, 0))
+    finally:
+        engine.gate.set()
+        b.close()
+        other.close()
+
+
+def test_a_parallel_engine_runs_one_piece_at_a_time_while_another_worker_on_its_cores_is_busy(host_map: Path) -> None:
+    """Its second run would take the cores that worker's run is on."""
+    engine, other = _Turns(parallel=True), HostCores(host_map, 1)
+    other.set(BUSY)
+    b = _Broker(engine, host=HostCores(host_map, 0))
+    try:
+        b.request(b"A", "10")
+        b.request(b"B", "10")
+        _collect(b, lambda log: sum(final for _, final, _ in log) == 2)
+    finally:
+        b.close()
+        other.close()
+    assert engine.most == 1
 
 
 class _Turns(_Pieces):
