@@ -199,8 +199,9 @@ class WorkerConfig(BaseModel):
     engine's own default (Piper 4, XTTS 1)."""
     threads: Optional[int] = Field(default=None, ge=1, le=256)
     """CPU threads each worker's inference runs on (onnxruntime's pool for Piper, torch's for
-    XTTS); unset: every core for a lone worker, the cores shared out among the workers this
-    ``serve`` starts when there are several (:func:`broker.supervisor.cpu_threads`)."""
+    XTTS); unset: every core for a lone worker and for Piper's, which share them when there are
+    several (``engines/host_cores.py``); other engines' workers get the cores shared out among
+    the workers this ``serve`` starts (:func:`broker.supervisor.cpu_threads`)."""
     curve_key: Optional[str] = None
     """This entry's workers' secret certificate, with ``[security] curve = true``; unset: the
     key pair ``serve`` makes for its own workers at each start (certificate name ``serve-local``)."""
