@@ -56,6 +56,8 @@ def run_worker(args: argparse.Namespace, load: Callable[[], Engine]) -> None:
     except (OSError, ValueError) as exc:
         log.error("--host-cores: %s", exc)
         sys.exit(2)
+    if host is not None:
+        log.info("sharing the cores with %d other worker(s) (%s)", host.workers - 1, args.host_cores)
     synth = synthesis_executor()  # load on the thread that will synthesise: see engines/runtime.py
     try:
         engine = synth.submit(load).result()

@@ -114,6 +114,9 @@ def test_worker_startup_errors_are_clear(tmp_path: Path) -> None:
 
     r = subprocess.run([sys.executable, "-m", "engines.piper", "--voice", "xx_XX-nobody-low"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown Piper voice 'xx_XX-nobody-low'" in r.stderr
+    for spec, says in (("/nonexistent/map:0", "No such file"), ("no-index", "PATH:INDEX")):
+        r = subprocess.run([sys.executable, "-m", "engines.piper", "--host-cores", spec], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "--host-cores" in r.stderr and says in r.stderr, r.stderr[-500:]
     import onnxruntime
     import pytest
 
