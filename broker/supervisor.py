@@ -109,7 +109,7 @@ def gateway_argvs(cfg: Config) -> dict[str, list[str]]:
 
 
 def shares_cores(cfg: Config, w: WorkerConfig) -> bool:
-    """Whether ``w``'s workers get every core and a byte of the busy map (``engines/host_cores.py``)
+    """Whether ``w``'s workers get every core and an entry of the busy map (``engines/host_cores.py``)
     instead of a share of the cores: engines that support it (Piper), where the config has
     several workers and ``w`` does not set ``threads``."""
     return w.threads is None and engines.get(w.engine).shares_cores and sum(x.count for x in cfg.workers) > 1
@@ -166,9 +166,9 @@ class Supervisor:
         sharing = sum(w.count for w in cfg.workers if shares_cores(cfg, w))
         self.host_cores: Optional[Path] = HostCores.create(sharing) if sharing else None
         """The busy map of the workers that share the cores (removed by :meth:`stop`)."""
-        byte = itertools.count()
+        entry = itertools.count()
         self.slots = [
-            _Slot(f"{service}#{i}", argv + (["--host-cores", f"{self.host_cores}:{next(byte)}"] if shares_cores(cfg, w) else []), service)
+            _Slot(f"{service}#{i}", argv + (["--host-cores", f"{self.host_cores}:{next(entry)}"] if shares_cores(cfg, w) else []), service)
             for w in cfg.workers
             for service, argv in [(engines.get(w.engine).service(w.options), worker_argv(cfg, w, local_keys))]
             for i in range(w.count)

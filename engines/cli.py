@@ -36,7 +36,7 @@ def worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker-key", help="the broker's public certificate (broker.key); with --curve-key")
     parser.add_argument(
         "--host-cores", metavar="PATH:INDEX",
-        help="the busy map shared with the other workers on these cores, and this worker's byte in it (set by serve)",
+        help="the busy map shared with the other workers on these cores, and this worker's entry in it (set by serve)",
     )
 
 
@@ -52,7 +52,8 @@ def run_worker(args: argparse.Namespace, load: Callable[[], Engine]) -> None:
         log.error("%s", exc)
         sys.exit(2)
     try:
-        host = HostCores.parse(args.host_cores) if args.host_cores else None
+        # Stale after four heartbeats: the socket loop renews its entry at least once a heartbeat.
+        host = HostCores.parse(args.host_cores, stale_s=4 * args.heartbeat_ms / 1000) if args.host_cores else None
     except (OSError, ValueError) as exc:
         log.error("--host-cores: %s", exc)
         sys.exit(2)

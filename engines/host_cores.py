@@ -12,10 +12,14 @@ while another worker starts a line, a worker cuts short its run in progress if i
 audio enough to wait (``Pacing.interrupt``) and feeds only listeners about to run dry, so the
 new line's first window has the cores.
 
-They learn it from a small file that ``serve`` creates (in ``/dev/shm`` where there is one), one
-byte per worker: :data:`IDLE`, :data:`BUSY` or :data:`STARTING`. Each worker writes only its own
-byte and reads the others': no lock. A worker that dies while busy leaves its byte set until the
-worker restarted in its place clears it. A worker that starts a line also sends one datagram to
+They learn it from a small file that ``serve`` creates (in ``/dev/shm`` where there is one), an
+entry per worker: :data:`IDLE`, :data:`BUSY` or :data:`STARTING`, and when the worker last said
+so (``time.monotonic``, one clock for every process of a machine). Each worker writes only its
+own entry and reads the others': no lock. Its socket loop renews the time at every turn (at
+least once a heartbeat), and an entry not renewed for ``stale_s`` counts as idle: a worker that
+is frozen (SIGSTOP) or dead uses no core, and while its entry said "starting", the worker left
+held every line back to real time (the test of failover by SIGSTOP ran 50 s instead of 8). A
+worker that starts a line also sends one datagram to
 each other worker's socket beside the file (``PATH.INDEX``), which wakes the thread that cuts
 that worker's run short: polling the bytes for that every 2 ms instead cost a lone line time
 (in one run, the long sentence's last audio 1.21x wyoming-piper's; 1.02-1.09x without).
@@ -27,23 +31,36 @@ import mmap
 import os
 import select
 import socket
+import struct
 import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 
 IDLE, BUSY, STARTING = 0, 1, 2
-"""A worker's byte: no job; jobs, each past its first audio; a job waiting for its first audio."""
+"""A worker's state: no job; jobs, each past its first audio; a job waiting for its first audio."""
+
+_ENTRY = struct.Struct("<dB7x")
+"""A worker's entry: when it last renewed it (``time.monotonic``, seconds), and its state."""
 
 
 class HostCores:
-    """One worker's view of the byte map: its own byte to set, the others' to read."""
+    """One worker's view of the map: its own entry to write, the others' to read."""
 
-    def __init__(self, path: Path, index: int) -> None:
+    def __init__(self, path: Path, index: int, stale_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         with open(path, "r+b") as f:
             self._map = mmap.mmap(f.fileno(), 0)
-        if not 0 <= index < len(self._map):
-            raise ValueError(f"{path} has {len(self._map)} workers' bytes; no index {index}")
+        if not 0 <= index < self.workers:
+            raise ValueError(f"{path} has {self.workers} workers' entries; no index {index}")
         self.index = index
+        self.stale_s = stale_s
+        """An entry not renewed for this long counts as idle."""
+        self._clock = clock
+        self._state = IDLE
+        self._lock = threading.Lock()
+        """The socket thread renews what a synthesis thread sets: one writes at a time, the last state."""
         self._path = path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
@@ -61,12 +78,12 @@ class HostCores:
         self._wake.unlink(missing_ok=True)
 
     @classmethod
-    def parse(cls, spec: str) -> "HostCores":
+    def parse(cls, spec: str, stale_s: float = 1.0) -> "HostCores":
         """From ``PATH:INDEX`` (the worker's ``--host-cores``, set by ``serve``)."""
         path, sep, index = spec.rpartition(":")
         if not sep or not index.isdigit():
             raise ValueError(f"--host-cores wants PATH:INDEX, not {spec!r}")
-        return cls(Path(path), int(index))
+        return cls(Path(path), int(index), stale_s)
 
     @staticmethod
     def create(workers: int) -> Path:
@@ -74,16 +91,23 @@ class HostCores:
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         fd, name = tempfile.mkstemp(prefix="tts-broker-cores-", dir=shm)
         with os.fdopen(fd, "wb") as f:
-            f.write(bytes(workers))
+            f.write(bytes(workers * _ENTRY.size))
         return Path(name)
 
     @property
     def workers(self) -> int:
-        return len(self._map)
+        return len(self._map) // _ENTRY.size
 
     def set(self, state: int) -> None:
         """This worker's state now: :data:`IDLE`, :data:`BUSY` or :data:`STARTING`."""
-        self._map[self.index] = state
+        with self._lock:
+            self._state = state
+            _ENTRY.pack_into(self._map, self.index * _ENTRY.size, self._clock(), state)
+
+    def renew(self) -> None:
+        """Say the state again, now: the others count an entry not renewed for ``stale_s`` as idle."""
+        with self._lock:
+            _ENTRY.pack_into(self._map, self.index * _ENTRY.size, self._clock(), self._state)
 
     def announce_start(self) -> None:
         """Wake the other workers' :meth:`wait_start`: this one is starting a line."""
@@ -106,5 +130,9 @@ class HostCores:
 
     def others(self) -> tuple[int, int]:
         """How many of the other workers hold a job now, and how many of those are starting one."""
-        states = [b for i, b in enumerate(self._map[:]) if i != self.index]
-        return sum(1 for b in states if b != IDLE), states.count(STARTING)
+        now = self._clock()
+        states = [
+            state for i, (said, state) in enumerate(_ENTRY.iter_unpack(self._map[:]))
+            if i != self.index and now - said <= self.stale_s
+        ]
+        return sum(1 for state in states if state != IDLE), states.count(STARTING)

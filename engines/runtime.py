@@ -244,6 +244,8 @@ class WorkerRuntime:
         poller.register(self._pipe, zmq.POLLIN)
         try:
             while not self._stop_asked:
+                if self.host is not None:
+                    self.host.renew()
                 sock = self._sock
                 assert sock is not None
                 poller.register(sock, zmq.POLLIN)

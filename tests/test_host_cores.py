@@ -50,6 +50,23 @@ def test_a_worker_restarted_in_a_dead_ones_place_clears_what_it_left(three: Path
         successor.close()
 
 
+def test_a_worker_that_stops_renewing_its_entry_counts_as_idle(three: Path) -> None:
+    """Frozen (SIGSTOP) or dead, it uses no core: the others must not hold back for it."""
+    now = [100.0]
+    frozen, reader = HostCores(three, 1, clock=lambda: now[0]), HostCores(three, 0, stale_s=1.0, clock=lambda: now[0])
+    try:
+        frozen.set(STARTING)
+        now[0] += 0.9
+        assert reader.others() == (1, 1)
+        now[0] += 0.2
+        assert reader.others() == (0, 0)
+        frozen.renew()  # its socket loop turns again
+        assert reader.others() == (1, 1)
+    finally:
+        frozen.close()
+        reader.close()
+
+
 def test_a_start_wakes_every_other_worker_once_and_not_the_one_starting(three: Path) -> None:
     views = [HostCores(three, i) for i in range(3)]
     try:
@@ -75,12 +92,12 @@ def test_an_index_beyond_the_map_is_a_clear_error(three: Path) -> None:
         HostCores(three, 3)
 
 
-def test_serve_gives_several_piper_workers_every_core_and_one_byte_each_and_removes_the_map() -> None:
+def test_serve_gives_several_piper_workers_every_core_and_an_entry_each_and_removes_the_map() -> None:
     cfg = Config.model_validate({"workers": [{"engine": "piper", "count": 2}, {"engine": "piper", "voice": "en_US-joe-medium"}]})
     sup = Supervisor(cfg)
     specs = [slot.argv[slot.argv.index("--host-cores") + 1] for slot in sup.slots]
     assert not any("--threads" in slot.argv for slot in sup.slots)
-    assert sup.host_cores is not None and sup.host_cores.stat().st_size == 3
+    assert sup.host_cores is not None and HostCores(sup.host_cores, 0).workers == 3
     assert specs == [f"{sup.host_cores}:{i}" for i in range(3)]
     sup.stop()
     assert not sup.host_cores.exists()
