@@ -236,5 +236,6 @@ class Supervisor:
                 log.warning("worker pid %d did not stop; killing it", p.pid)
                 p.kill()
                 p.wait()
-        if self.host_cores is not None:
-            self.host_cores.unlink(missing_ok=True)
+        if self.host_cores is not None:  # and the sockets of workers that were killed, not stopped
+            for path in [self.host_cores, *self.host_cores.parent.glob(f"{self.host_cores.name}.*")]:
+                path.unlink(missing_ok=True)
