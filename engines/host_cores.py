@@ -19,10 +19,10 @@ own entry and reads the others': no lock. Its socket loop renews the time at eve
 least once a heartbeat), and an entry not renewed for ``stale_s`` counts as idle: a worker that
 is frozen (SIGSTOP) or dead uses no core, and while its entry said "starting", the worker left
 held every line back to real time (the test of failover by SIGSTOP ran 50 s instead of 8). A
-worker that starts a line also sends one datagram to
-each other worker's socket beside the file (``PATH.INDEX``), which wakes the thread that cuts
-that worker's run short: polling the bytes for that every 2 ms instead cost a lone line time
-(in one run, the long sentence's last audio 1.21x wyoming-piper's; 1.02-1.09x without).
+worker that starts a line also sends one datagram to each other worker's socket beside the file
+(``PATH.INDEX``), which wakes the thread that cuts that worker's run short: polling the entries
+for that every 2 ms instead cost a lone line time (in one run, the long sentence's last audio
+1.21x wyoming-piper's; 1.02-1.09x without).
 """
 
 from __future__ import annotations
