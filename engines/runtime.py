@@ -343,7 +343,7 @@ class WorkerRuntime:
 
     def _watch_host(self) -> None:
         """When another worker on the same cores starts a line, cut short this one's run in
-        progress where its listener can wait, as for a line of its own (``_make_way``); while
+        progress where its listener can wait, as for a line of its own (:meth:`_cut_runs`); while
         that worker starts, ``_synthesis_loop`` feeds only listeners about to run dry."""
         assert self.host is not None
         while not self._stopping:
@@ -353,9 +353,7 @@ class WorkerRuntime:
                 return
             if woken:
                 with self._work:
-                    for job in self._active:
-                        if job.busy and job.playback.first is not None and job.pacing.interrupt(self._start_cost, 0.0):
-                            log.debug("worker %s: job %s makes way for another worker's new line", self.identity, job.address.hex())
+                    self._cut_runs(lead=0.0, deadline=time.monotonic())
 
     def _on_broker(self, frames: list[bytes]) -> None:
         self._broker_expires = time.monotonic() + self.heartbeat_s * self.liveness
@@ -504,11 +502,17 @@ class WorkerRuntime:
     def _make_way(self, job: _Job, now: float) -> None:
         """Interrupt another thread's piece of a later-due job that ``job``'s listener cannot
         wait for, where that job's own listener can wait (``Pacing.interrupt``)."""
-        lead = job.playback.lead(now)
+        self._cut_runs(job.playback.lead(now), job.playback.deadline, job)
+
+    def _cut_runs(self, lead: float, deadline: float, new: Optional[_Job] = None) -> None:
+        """For a line whose listener has ``lead`` seconds in hand and is due at ``deadline`` (``new``,
+        or another worker's: :meth:`_watch_host`), interrupt the pieces in progress of jobs due
+        later whose listeners can wait (under ``_work``)."""
         for other in self._active:
-            if other.busy and other is not job and other.playback.first is not None and other.playback.deadline > job.playback.deadline:
+            if other.busy and other is not new and other.playback.first is not None and other.playback.deadline > deadline:
                 if other.pacing.interrupt(self._start_cost, lead):
-                    log.debug("worker %s: job %s makes way for job %s", self.identity, other.address.hex(), job.address.hex())
+                    why = f"job {new.address.hex()}" if new is not None else "another worker's new line"
+                    log.debug("worker %s: job %s makes way for %s", self.identity, other.address.hex(), why)
 
     def _steps(self, job: _Job) -> Iterator[None]:
         """One job's synthesis, yielding after each piece of audio the engine makes."""
