@@ -19,10 +19,20 @@ from hdrh.histogram import HdrHistogram
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_handed_out: set[int] = set()
+
+
 def endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    """A free loopback endpoint, never one this process has handed out before: the kernel may
+    offer a port again once the probe socket is closed, and the security set's metrics broker
+    was once given its engine's backend port (it exited, and the bench waited for ever)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return f"tcp://127.0.0.1:{port}"
 
 
 def histogram() -> HdrHistogram:

@@ -60,6 +60,8 @@ def _round_trip(sock: zmq.Socket, service: bytes, rid: bytes) -> int:
     t0 = time.perf_counter_ns()
     sock.send_multipart([b"MDPC02", b"\x01", service, rid, REQUEST])
     while True:
+        if not sock.poll(60_000):
+            raise RuntimeError(f"no reply to {rid!r} in 60 s: is its broker and engine still running?")
         frames = sock.recv_multipart()
         if frames[1] == b"\x03":
             if frames[4] != b"end":
