@@ -57,9 +57,6 @@ decodes 1.07× its frames through the vocoder (1.5× with (8, 24, 64, 128, 256) 
 margin around flow and vocoder together; 1.2× with this schedule and that margin)."""
 MERGE = 0.5
 """A remainder shorter than this fraction of the next window is decoded with the current one."""
-FIRST_MAX = 24
-"""Latent frames (279 ms of audio) up to which a lone line's first window grows so that its
-second window can finish the sentence (:meth:`FrameStreamer._first_alone`)."""
 SUSTAIN = 0.75
 """Part of the decoder's time that windows may spend keeping listeners fed; the rest is left for
 each sentence's frontend, the relay and the noise of a shared machine."""
@@ -462,9 +459,10 @@ class FrameStreamer:
         from one window of a sentence to the next."""
         parts, flowed, total = self.parts(pacing), flowed or Flowed(), self.frames(latents)
         lo, hi = max(0, start - self.margin), min(total, end + self.margin)
-        flow_lo, flow_hi = self._flow_span(flowed, hi, total)
+        flow_to = total if self._flows_ahead(pacing, flowed, lo, hi, total) else hi
+        flow_lo, flow_hi = self._flow_span(flowed, flow_to, total)
         cost = self.vocoder_cost_s * (hi - lo) + self.flow_cost_s * (flow_hi - flow_lo)
-        run = _interruptibly(pacing, cost, lambda opts: self._decode(parts, latents, lo, hi, flowed, opts), options)
+        run = _interruptibly(pacing, cost, lambda opts: self._decode(parts, latents, lo, hi, flowed, opts, flow_to), options)
         if run is None:
             return None
         audio, flow_s, vocoder_s = run
@@ -477,12 +475,19 @@ class FrameStreamer:
         return audio[(start - lo) * HOP : (end - lo) * HOP]
 
     def _decode(
-        self, parts: Parts, latents: dict[str, np.ndarray], lo: int, hi: int, flowed: Flowed, options: onnxruntime.RunOptions
+        self,
+        parts: Parts,
+        latents: dict[str, np.ndarray],
+        lo: int,
+        hi: int,
+        flowed: Flowed,
+        options: onnxruntime.RunOptions,
+        flow_to: Optional[int] = None,
     ) -> tuple[np.ndarray, float, float]:
         """Audio of latent frames ``[lo, hi)``, margins included, and the wall times of the flow
-        (0 when ``z`` was there already) and of the vocoder."""
+        (0 when ``z`` was there already) and of the vocoder; ``z`` flowed up to ``flow_to`` (``hi``)."""
         t0 = time.perf_counter()
-        self._flow(parts, latents, flowed, hi, options)
+        self._flow(parts, latents, flowed, flow_to or hi, options)
         t1 = time.perf_counter()
         audio = self._vocode(parts, latents, flowed, lo, hi, options)
         return audio, t1 - t0, time.perf_counter() - t1
@@ -509,15 +514,31 @@ class FrameStreamer:
             return 0, 0
         return max(0, flowed.ready - self.flow_margin), min(total, end + self.flow_margin)
 
+    def _flows_ahead(self, pacing: Pacing, flowed: Flowed, lo: int, hi: int, total: int) -> bool:
+        """Whether a window's flow run goes on to the sentence's end, where the listener's audio in
+        hand allows it (with :data:`SLACK`; a share of it while other jobs take turns): each later
+        window then runs the vocoder alone, and no more flow margins are decoded twice (two per
+        window: ~60 flow frames, as much time as the vocoder's 22). Not before the first audio,
+        which it would delay, nor unpaced, whose windows keep their own flow seams."""
+        if not pacing.paced or pacing.waiting() or flowed.ready >= hi or hi + self.flow_margin >= total:
+            return False
+        alone = pacing.sharing() == 1 and not pacing.others_on_host()
+        allowance = min(pacing.lead() / SLACK if alone else pacing.budget(), pacing.others_budget())
+        cost = self.vocoder_cost_s * (hi - lo) + self.flow_cost_s * (total - max(0, flowed.ready - self.flow_margin))
+        return cost <= allowance
+
     def _flow(self, parts: Parts, latents: dict[str, np.ndarray], flowed: Flowed, end: int, options: onnxruntime.RunOptions) -> None:
         """Extend ``flowed`` to ``z`` from the first latent frame up to ``end`` at least."""
         total = self.frames(latents)
         lo, hi = self._flow_span(flowed, end, total)
         if hi > lo:
             feeds = {k: v[..., lo:hi] if v.shape[-1] == total else v for k, v in latents.items()}
-            z = parts.flow.run([self.z], feeds, options)[0][..., flowed.ready - lo : end - lo]
+            # Exact up to `end`, where the right margin is cut off; to the end where none was (a
+            # sentence's last window then runs no flow again: "Halt!" flowed all 49 frames twice).
+            keep = total if hi == total else end
+            z = parts.flow.run([self.z], feeds, options)[0][..., flowed.ready - lo : keep - lo]
             flowed.z = z if flowed.z is None else np.concatenate([flowed.z, z], axis=-1)
-            flowed.ready = end
+            flowed.ready = keep
 
     def stream(self, latents: dict[str, np.ndarray], pacing: Pacing = UNPACED) -> Iterator[np.ndarray]:
         """The sentence's audio, window after window.
@@ -578,7 +599,7 @@ class FrameStreamer:
 
     def _first_alone(self, total: int, held: float) -> int:
         """A lone line's first window: the schedule's first, for first audio, unless a few frames
-        more (up to :data:`FIRST_MAX`) make its audio last, with :data:`SLACK`, while the second
+        more (up to :meth:`first_max`) make its audio last, with :data:`SLACK`, while the second
         window decodes all the rest of the sentence: one seam of margins
         instead of two. The side-by-side passage's first sentence (264 frames) then goes in ~20
         and the rest instead of 8, 32 and the rest: in one process, three runs of 20-30
@@ -595,7 +616,15 @@ class FrameStreamer:
         which then went in three windows.)"""
         first = self.schedule[0]
         need = math.ceil((SLACK * self.window_cost(total, margins=1) + held) / (HOP / self.rate + SLACK * self.frame_cost_s)) + 1
-        return need if first < need <= FIRST_MAX else first
+        return need if first < need <= self.first_max() else first
+
+    def first_max(self) -> int:
+        """The largest first window :meth:`_first_alone` plans: its frames beyond the schedule's
+        first cost no more than the seam of margins they save (``window_cost(0)``, ~31 frames'
+        worth here), so first audio is traded at most one for one against the sentence's work.
+        (A fixed 24 frames failed the passage's first sentence on a slower day: 26 were needed,
+        and it went in three windows.)"""
+        return self.schedule[0] + int(self.window_cost(0) / self.frame_cost_s)
 
     def _sustainable(self, jobs: int) -> int:
         """The smallest later window with which ``jobs`` streams taking turns each gain audio

@@ -161,6 +161,60 @@ def test_the_flow_and_the_vocoder_are_timed_apart_and_a_window_costs_what_its_pa
     assert costs.window_cost(100, margins=1) == pytest.approx(v * (100 + m) + f * (100 + fm))
 
 
+class _CountedRuns:
+    """A session that counts its runs (the flow's, here)."""
+
+    def __init__(self, session: onnxruntime.InferenceSession) -> None:
+        self.session, self.runs = session, 0
+
+    def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+
+def _counting_flow(streamer: FrameStreamer) -> tuple[FrameStreamer, _CountedRuns]:
+    """The streamer with its flow runs counted, whichever session set a window takes."""
+    flow = _CountedRuns(streamer.lean.flow)
+    sets = {name: dataclasses.replace(getattr(streamer, name), flow=flow) for name in ("fast", "lean")}
+    return dataclasses.replace(streamer, narrow=None, **sets), flow
+
+
+def test_a_flow_run_that_reaches_the_sentences_end_keeps_all_it_flowed(voice: PiperVoice, streamer: FrameStreamer) -> None:
+    """A short sentence's first window flows every frame (the flow's margin reaches its end): the
+    second window runs the vocoder only, and the audio is the whole decode's."""
+    counted, flow = _counting_flow(streamer)
+    latents = streamer.latents(_feeds(voice, "Halt!", noise=0.0))  # durations fixed: 46 frames
+    total = streamer.frames(latents)
+    windows = list(counted.windows(total))
+    assert len(windows) == 2 and windows[0][1] + streamer.margin + streamer.flow_margin >= total, (windows, total)
+    whole = streamer.decode(latents, 0, total)
+    streamed = np.concatenate(list(counted.stream(latents)))
+    assert flow.runs == 1
+    assert whole is not None and len(streamed) == len(whole) and np.abs(streamed - whole).max() < 1e-4
+
+
+def test_with_audio_in_hand_a_window_flows_the_rest_of_the_sentence_at_once(voice: PiperVoice, streamer: FrameStreamer) -> None:
+    """Once the listener has audio enough, the next window's flow run goes on to the sentence's end:
+    two flow runs in all (the first window's, before first audio, stays small), where the unpaced
+    windows run one each; the audio is the whole decode's either way."""
+    latents = streamer.latents(_feeds(voice, LONG, noise=1.0))
+    whole = streamer.decode(latents, 0, streamer.frames(latents))
+    counted, flow = _counting_flow(streamer)
+    plain = list(counted.stream(latents))
+    assert flow.runs == len(plain) >= 3
+
+    counted, flow = _counting_flow(streamer)
+    playback = Playback(arrived=time.monotonic())
+    pacing = Pacing(playback, lambda: ())
+    pieces = []
+    for audio in counted.stream(latents, pacing):
+        pieces.append(audio)
+        playback.sent(10.0, time.monotonic())  # far ahead of what the windows cost
+    assert flow.runs == 2 and len(pieces) >= 3
+    for audio in (np.concatenate(plain), np.concatenate(pieces)):
+        assert whole is not None and len(audio) == len(whole) and np.abs(audio - whole).max() < 1e-4
+
+
 @dataclasses.dataclass
 class _Job:
     """What the pacing reads of a worker's job."""
@@ -204,7 +258,6 @@ def test_a_lone_sentences_first_window_grows_when_that_lets_the_second_finish_it
     several windows anyway, and a short one, finished by its second window anyway, keep the
     smallest first window."""
     from engines.schedule import SLACK
-    from engines.vits_split import FIRST_MAX
 
     sized = dataclasses.replace(streamer, vocoder_cost_s=0.0004, flow_cost_s=0.0001)
 
@@ -218,7 +271,7 @@ def test_a_lone_sentences_first_window_grows_when_that_lets_the_second_finish_it
         return out
 
     mid = windows(264)  # the side-by-side passage's first sentence
-    assert len(mid) == 2 and SCHEDULE[0] < mid[0][1] <= FIRST_MAX, mid
+    assert len(mid) == 2 and SCHEDULE[0] < mid[0][1] <= sized.first_max(), mid
     assert SLACK * sized.window_cost(264 - mid[1][0], margins=1) <= mid[0][1] * HOP / sized.rate  # the rest fits in its audio
     long = windows(1243)  # the 47-word sentence
     assert long[0] == (0, SCHEDULE[0]) and len(long) > 2, long
@@ -232,11 +285,9 @@ def test_a_lone_sentences_first_window_also_covers_the_audio_its_chunks_hold_bac
     """Served, audio goes out in whole chunks: up to one chunk of the first window's end waits
     for the second window, and is not in the listener's hand when that window's size is chosen.
     The first window is sized for that, so the second still finishes the sentence."""
-    from engines.vits_split import FIRST_MAX
-
     sized = dataclasses.replace(streamer, vocoder_cost_s=0.0004, flow_cost_s=0.0001)
     chunk_s = 0.04
-    for total in range(150, 305, 7):  # up to where FIRST_MAX allows it at these costs
+    for total in range(150, 520, 7):  # up to where first_max() allows it at these costs
         playback = Playback(arrived=time.monotonic())
         pacing = Pacing(playback, lambda: ())
         pacing.chunk_s = chunk_s
@@ -247,7 +298,7 @@ def test_a_lone_sentences_first_window_also_covers_the_audio_its_chunks_hold_bac
             made += (end - start) * HOP / sized.rate
             whole = math.floor(made / chunk_s) * chunk_s  # what the chunk encoder lets out
             playback.sent(whole - playback.audio_s, time.monotonic())
-        assert len(out) == 2 and out[0][1] <= FIRST_MAX, (total, out)
+        assert len(out) == 2 and out[0][1] <= sized.first_max(), (total, out)
 
 
 def test_every_session_runs_on_the_threads_it_is_given(tmp_path: Path) -> None:
