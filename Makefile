@@ -41,7 +41,7 @@ test: $(VENV)/.full rust-deps browser-deps
 .venv-peers/wyoming-piper/.built: $(VENV)/.full
 	$(PY) -m bench.peer_env
 
-bench: $(VENV)/.full .venv-peers/wyoming-piper/.built
+bench: $(VENV)/.full .venv-peers/wyoming-piper/.built rust-deps
 	$(PY) -m bench
 
 clean:
