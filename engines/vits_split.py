@@ -518,7 +518,7 @@ class FrameStreamer:
         """Whether a window's flow run goes on to the sentence's end, where the listener's audio in
         hand allows it (with :data:`SLACK`; a share of it while other jobs take turns): each later
         window then runs the vocoder alone, and no more flow margins are decoded twice (two per
-        window: ~60 flow frames, as much time as the vocoder's 22). Not before the first audio,
+        window: ~60 flow frames, about half the time of the vocoder's 22). Not before the first audio,
         which it would delay, nor unpaced, whose windows keep their own flow seams."""
         if not pacing.paced or pacing.waiting() or flowed.ready >= hi or hi + self.flow_margin >= total:
             return False
@@ -534,7 +534,7 @@ class FrameStreamer:
         if hi > lo:
             feeds = {k: v[..., lo:hi] if v.shape[-1] == total else v for k, v in latents.items()}
             # Exact up to `end`, where the right margin is cut off; to the end where none was (a
-            # sentence's last window then runs no flow again: "Halt!" flowed all 49 frames twice).
+            # sentence's last window then runs no flow again: "Halt!" flowed all its frames twice).
             keep = total if hi == total else end
             z = parts.flow.run([self.z], feeds, options)[0][..., flowed.ready - lo : keep - lo]
             flowed.z = z if flowed.z is None else np.concatenate([flowed.z, z], axis=-1)
