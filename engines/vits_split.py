@@ -15,6 +15,13 @@ small (11 latent frames each side on the bundled voice), the cheap flow's
 flow and vocoder together, as before, decoded about three times as many margin
 frames through the vocoder.
 
+The vocoder is cut again, before each upsampling after the first, into *stages*
+whose margins are counted in their own input's samples: most of its field
+(10 of the 11 frames) lies in its first stage, at the latent rate, which does
+~1/5 of its work; the later stages, at 8 and 64 samples per frame, need under
+a frame's worth each. A seam then decodes ~2.5 frames' worth of vocoder work
+each side instead of 11 (``Split.seam_frames``).
+
 The seams are found from the graph, not from names: the prior's noise is the
 last ``RandomNormalLike``, and the first ``Add`` after it makes ``z_p``, the
 flow's input; the vocoder begins at the ``Conv`` that feeds its first
@@ -60,9 +67,10 @@ MERGE = 0.5
 SUSTAIN = 0.75
 """Part of the decoder's time that windows may spend keeping listeners fed; the rest is left for
 each sentence's frontend, the relay and the noise of a shared machine."""
-_SPLIT_VERSION = 3
+_SPLIT_VERSION = 4
 """Part of the cache key: bumped whenever the split graphs change (2: frontend rewritten; 3: the
-decoder cut into flow and vocoder, each with its measured receptive field)."""
+decoder cut into flow and vocoder, each with its measured receptive field; 4: the vocoder cut
+into stages)."""
 HOP = 256
 """Output samples per latent frame (Piper voices upsample 8·8·4)."""
 
@@ -99,7 +107,8 @@ class Split:
 
     frontend: Path
     flow: Path
-    vocoder: Path
+    vocoder: tuple[Path, ...]
+    """The vocoder's stages, in order (``Stage``)."""
     seam: list[str]
     """The frontend's outputs: every tensor flow or vocoder read from it (``z_p``, the frame mask…)."""
     z: str
@@ -108,7 +117,35 @@ class Split:
     """The flow's receptive field in latent frames each side: a flow window decoded with this many
     frames more on each side is exactly the whole decode's."""
     margin: int
-    """The vocoder's receptive field in latent frames each side, likewise."""
+    """The vocoder's receptive field in latent frames each side, likewise: the frames of ``z``
+    that a window reads beyond its own, all stages' fields counted."""
+    stages: tuple["Stage", ...]
+    seam_frames: float
+    """Vocoder work of one side's margins in latent frames' worth: each stage's margin in
+    latent frames, weighted by that stage's share of the vocoder's time (timed when it is cut)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A part of the vocoder between two upsamplings."""
+
+    up: int
+    """Output samples per input sample."""
+    margin: int
+    """Receptive field in input samples each side."""
+
+
+def _spans(stages: Sequence[Stage], start: int, end: int, total: int) -> list[tuple[int, int]]:
+    """Each stage's input span, in its own samples, that gives its output exactly for the latent
+    frames ``[start, end)`` of a sentence of ``total`` (the first stage's in latent frames): found
+    from the last stage back, each widened by its own margin and clipped to the sentence."""
+    a, b, rate = start * HOP, end * HOP, HOP
+    spans = []
+    for stage in reversed(stages):
+        rate //= stage.up
+        a, b = max(0, a // stage.up - stage.margin), min(total * rate, -(-b // stage.up) + stage.margin)
+        spans.append((a, b))
+    return spans[::-1]
 
 
 def split_model(model: Path, cache: Path | None = None) -> Split:
@@ -118,7 +155,18 @@ def split_model(model: Path, cache: Path | None = None) -> Split:
     if not meta.is_file():
         _cut(model, out)
     info = json.loads(meta.read_text())
-    return Split(out / "frontend.onnx", out / "flow.onnx", out / "vocoder.onnx", info["seam"], info["z"], info["flow_margin"], info["margin"])
+    stages = tuple(Stage(up, margin) for up, margin in info["stages"])
+    return Split(
+        out / "frontend.onnx",
+        out / "flow.onnx",
+        tuple(out / f"vocoder{k}.onnx" for k in range(len(stages))),
+        info["seam"],
+        info["z"],
+        info["flow_margin"],
+        info["margin"],
+        stages,
+        info["seam_frames"],
+    )
 
 
 def _cut(model: Path, out: Path) -> None:
@@ -150,16 +198,37 @@ def _cut(model: Path, out: Path) -> None:
     if set(vocoder_inputs) - set(seam) != {z}:
         raise ValueError(f"{model}: the vocoder reads more of the flow than z; cannot stream by frames")
     flow_graph = extractor.extract_model(seam, [z])
-    vocoder_graph = extractor.extract_model(vocoder_inputs, outputs)
-    flow_margin = _receptive_field(flow_graph, z_p)
-    margin = _receptive_field(vocoder_graph, z)
-    log.info("%s: receptive fields %d latent frames (flow), %d (vocoder)", model.name, flow_margin, margin)
+    # Stages: from z, and from the input of each upsampling after the first, to the next.
+    bounds = [z, *[n.input[0] for n in graph.node if n.op_type == "ConvTranspose"][1:]]
+    stage_graphs = [
+        extractor.extract_model(_seam(graph, at, ends, inputs=seam), ends)
+        for at, ends in zip(bounds, [*([b] for b in bounds[1:]), outputs])
+    ]
+    flow_margin = _receptive_field(flow_graph, z_p)[0]
+    fields = [_receptive_field(g, at) for g, at in zip(stage_graphs, bounds)]
+    stages = [Stage(up, margin) for margin, up in fields]
+    if math.prod(s.up for s in stages) != HOP:
+        raise ValueError(f"{model}: the vocoder does not upsample by {HOP}; cannot stream by frames")
+    far = 1 << 20  # a window far inside a long sentence: every margin whole
+    spans = _spans(stages, far, far, 2 * far)
+    margin = far - spans[0][0]
+    rates = [HOP // math.prod(s.up for s in stages[k:]) for k in range(len(stages))]
+    shares = _time_shares(stage_graphs, bounds)
+    seam_frames = sum(share * (far * rate - a) / rate for share, rate, (a, _) in zip(shares, rates, spans))
+    log.info(
+        "%s: receptive fields %d latent frames (flow), %d (vocoder: %s samples in %d stages, ~%.1f frames' worth of work)",
+        model.name, flow_margin, margin, "/".join(str(s.margin) for s in stages), len(stages), seam_frames,
+    )
     out.mkdir(parents=True, exist_ok=True)
     # The graphs first, the index last: a reader that finds the index finds whole graphs.
     _publish(out / "frontend.onnx", lambda p: onnx.save(front_graph, str(p)))
     _publish(out / "flow.onnx", lambda p: onnx.save(flow_graph, str(p)))
-    _publish(out / "vocoder.onnx", lambda p: onnx.save(vocoder_graph, str(p)))
-    info = {"model": str(model), "seam": seam, "z": z, "flow_margin": flow_margin, "margin": margin}
+    for k, stage_graph in enumerate(stage_graphs):
+        _publish(out / f"vocoder{k}.onnx", lambda p, g=stage_graph: onnx.save(g, str(p)))
+    info = {
+        "model": str(model), "seam": seam, "z": z, "flow_margin": flow_margin, "margin": margin,
+        "stages": [[s.up, s.margin] for s in stages], "seam_frames": round(seam_frames, 3),
+    }
     _publish(out / "split.json", lambda p: p.write_text(json.dumps(info)))
 
 
@@ -197,11 +266,11 @@ def _vocoder_input(graph) -> str:  # type: ignore[no-untyped-def]
     return node.input[0]
 
 
-def _receptive_field(part, along: str, frames: int = 160) -> int:  # type: ignore[no-untyped-def]
-    """Latent frames on each side of an output frame that it depends on, found by changing one
-    input frame of ``along`` and seeing which output frames change. Outputs beyond the field do
-    not change at all (the same arithmetic on the same numbers), so the tolerance only has to
-    rise above nothing."""
+def _receptive_field(part, along: str, frames: int = 160) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """Input samples (latent frames, for the flow) of ``along`` on each side of an output that
+    it depends on, found by changing one input sample and seeing which outputs change; and the
+    output samples per input sample. Outputs beyond the field do not change at all (the same
+    arithmetic on the same numbers), so the tolerance only has to rise above nothing."""
     session = onnxruntime.InferenceSession(part.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {}
@@ -214,9 +283,32 @@ def _receptive_field(part, along: str, frames: int = 160) -> int:  # type: ignor
     feeds[along][..., frames // 2] += 1.0
     moved = np.abs(session.run(None, feeds)[0] - base)
     per_sample = moved.reshape(-1, moved.shape[-1]).max(axis=0)  # output time axis, in samples or frames
-    per_frame = per_sample.reshape(frames, -1).max(axis=1)
+    per_frame = per_sample.reshape(frames, -1).max(axis=1)  # grouped by the input sample each output is at
     changed = np.flatnonzero(per_frame > 1e-7 * max(float(np.abs(base).max()), 1.0))
-    return int(max(frames // 2 - changed.min(), changed.max() - frames // 2))
+    return int(max(frames // 2 - changed.min(), changed.max() - frames // 2)), per_sample.size // frames
+
+
+def _time_shares(stages: Sequence, inputs: Sequence[str], frames: int = 200) -> list[float]:  # type: ignore[type-arg]
+    """Each stage's share of the vocoder's time, on a window of ``frames`` latent frames (the
+    best of three runs each): what weighs the stages' margins in :attr:`Split.seam_frames`."""
+    times = []
+    x: Optional[np.ndarray] = None
+    for graph, name in zip(stages, inputs):
+        session = onnxruntime.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = {}
+        for t in session.get_inputs():  # z as _receptive_field feeds it, then each stage's output
+            shape = [d if isinstance(d, int) else 1 for d in t.shape]
+            if t.name == name and x is None:
+                x = np.random.default_rng(0).standard_normal([*shape[:-1], frames]).astype(np.float32)
+            feeds[t.name] = x if t.name == name else np.ones(shape, np.float32)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            out = session.run(None, feeds)[0]
+            best = min(best, time.perf_counter() - t0)
+        times.append(best)
+        x = out
+    return [t / sum(times) for t in times]
 
 
 def optimised_model(model: Path, cache: Path | None = None) -> Path:
@@ -307,7 +399,8 @@ class Parts:
 
     frontend: onnxruntime.InferenceSession
     flow: onnxruntime.InferenceSession
-    vocoder: onnxruntime.InferenceSession
+    vocoder: tuple[onnxruntime.InferenceSession, ...]
+    """Its stages, in order (:attr:`FrameStreamer.stages`)."""
 
 
 @dataclass
@@ -329,6 +422,11 @@ class FrameStreamer:
     """The vocoder's receptive field, in latent frames each side (:attr:`Split.margin`)."""
     flow_margin: int
     """The flow's receptive field, in latent frames each side."""
+    stages: tuple[Stage, ...] = ()
+    """The vocoder's stages (:attr:`Split.stages`); none: one stage, with :attr:`margin`."""
+    seam_frames: Optional[float] = None
+    """Vocoder work of one side's margins, in latent frames' worth (:attr:`Split.seam_frames`);
+    None: :attr:`margin`, as for one stage."""
     schedule: Sequence[int] = SCHEDULE
     front_cost_s: float = 0.001
     """Wall time of the frontend per phoneme id, measured as sentences are spoken (starts cautious)."""
@@ -374,7 +472,10 @@ class FrameStreamer:
         front_graph, durations = with_durations(split.frontend)
 
         def parts(spinning: bool, threads: Optional[int] = threads) -> Parts:
-            return Parts(*(sessions.open(graph, spinning, threads) for graph in (front_graph, split.flow, split.vocoder)))
+            def open_(graph: bytes | Path) -> onnxruntime.InferenceSession:
+                return sessions.open(graph, spinning, threads)
+
+            return Parts(open_(front_graph), open_(split.flow), tuple(open_(stage) for stage in split.vocoder))
 
         fast = parts(spinning=True)
         half = (threads or len(os.sched_getaffinity(0))) // 2
@@ -387,6 +488,8 @@ class FrameStreamer:
             split.frontend.parent,
             margin=split.margin,
             flow_margin=split.flow_margin,
+            stages=split.stages,
+            seam_frames=split.seam_frames,
             rate=rate,
             durations=durations,
             narrow=None if on_gpu or half < 1 else parts(True, half),
@@ -443,7 +546,11 @@ class FrameStreamer:
     def window_cost(self, frames: int, margins: int = 2) -> float:
         """Predicted wall time of a window of ``frames`` latent frames with ``margins`` sides
         inside the sentence (2; 1 for a sentence's last window, 0 for a whole sentence)."""
-        return self.frame_cost_s * frames + margins * (self.vocoder_cost_s * self.margin + self.flow_cost_s * self.flow_margin)
+        return self.frame_cost_s * frames + margins * (self.vocoder_cost_s * self._seam_frames + self.flow_cost_s * self.flow_margin)
+
+    @property
+    def _seam_frames(self) -> float:
+        return self.margin if self.seam_frames is None else self.seam_frames
 
     def decode(
         self,
@@ -458,11 +565,14 @@ class FrameStreamer:
         None if ``pacing.interrupt()`` cut the run short. ``flowed`` carries the flow's output
         from one window of a sentence to the next."""
         parts, flowed, total = self.parts(pacing), flowed or Flowed(), self.frames(latents)
-        lo, hi = max(0, start - self.margin), min(total, end + self.margin)
+        lo, hi = _spans(self._stages, start, end, total)[0]
         flow_to = total if self._flows_ahead(pacing, flowed, lo, hi, total) else hi
         flow_lo, flow_hi = self._flow_span(flowed, flow_to, total)
-        cost = self.vocoder_cost_s * (hi - lo) + self.flow_cost_s * (flow_hi - flow_lo)
-        run = _interruptibly(pacing, cost, lambda opts: self._decode(parts, latents, lo, hi, flowed, opts, flow_to), options)
+        # The vocoder's work in latent frames' worth: the window, and the part of a whole seam
+        # that each side's margin is (less where it meets the sentence's edge).
+        vocoded = end - start + self._seam_frames * ((start - lo) + (hi - end)) / max(1, self.margin)
+        cost = self.vocoder_cost_s * vocoded + self.flow_cost_s * (flow_hi - flow_lo)
+        run = _interruptibly(pacing, cost, lambda opts: self._decode(parts, latents, start, end, flowed, opts, flow_to), options)
         if run is None:
             return None
         audio, flow_s, vocoder_s = run
@@ -471,41 +581,68 @@ class FrameStreamer:
         # which is what their windows then cost): what sizes the windows to come.
         if flow_hi > flow_lo:
             self.flow_cost_s += 0.25 * (flow_s / (flow_hi - flow_lo) - self.flow_cost_s)
-        self.vocoder_cost_s += 0.25 * (vocoder_s / (hi - lo) - self.vocoder_cost_s)
-        return audio[(start - lo) * HOP : (end - lo) * HOP]
+        self.vocoder_cost_s += 0.25 * (vocoder_s / vocoded - self.vocoder_cost_s)
+        return audio
 
     def _decode(
         self,
         parts: Parts,
         latents: dict[str, np.ndarray],
-        lo: int,
-        hi: int,
+        start: int,
+        end: int,
         flowed: Flowed,
         options: onnxruntime.RunOptions,
         flow_to: Optional[int] = None,
     ) -> tuple[np.ndarray, float, float]:
-        """Audio of latent frames ``[lo, hi)``, margins included, and the wall times of the flow
-        (0 when ``z`` was there already) and of the vocoder; ``z`` flowed up to ``flow_to`` (``hi``)."""
+        """Audio of latent frames ``[start, end)``, and the wall times of the flow (0 when ``z``
+        was there already) and of the vocoder, margins included; ``z`` flowed up to ``flow_to``
+        (at least as far as the window reads)."""
+        spans = _spans(self._stages, start, end, self.frames(latents))
         t0 = time.perf_counter()
-        self._flow(parts, latents, flowed, flow_to or hi, options)
+        self._flow(parts, latents, flowed, max(flow_to or 0, spans[0][1]), options)
         t1 = time.perf_counter()
-        audio = self._vocode(parts, latents, flowed, lo, hi, options)
+        audio = self._vocode(parts, latents, flowed, spans, (start * HOP, end * HOP), options)
         return audio, t1 - t0, time.perf_counter() - t1
 
     def _vocode(
-        self, parts: Parts, latents: dict[str, np.ndarray], flowed: Flowed, lo: int, hi: int, options: onnxruntime.RunOptions
+        self,
+        parts: Parts,
+        latents: dict[str, np.ndarray],
+        flowed: Flowed,
+        spans: Sequence[tuple[int, int]],
+        keep: tuple[int, int],
+        options: onnxruntime.RunOptions,
     ) -> np.ndarray:
-        """The vocoder's audio of latent frames ``[lo, hi)``, already flowed."""
-        assert flowed.z is not None and flowed.ready >= hi
-        feeds = {k: v for k, v in latents.items() if k in self._vocoder_inputs}
-        feeds[self.z] = flowed.z[..., lo:hi]
-        return parts.vocoder.run(None, feeds, options)[0].reshape(-1)
+        """The audio samples ``keep``, stage after stage over ``z`` (already flowed): each stage
+        runs on its span (:func:`_spans`), and its output is cut to the next stage's span."""
+        assert flowed.z is not None and flowed.ready >= spans[0][1]
+        x = flowed.z[..., spans[0][0] : spans[0][1]]
+        for k, (session, (a, _)) in enumerate(zip(parts.vocoder, spans)):
+            inputs = self._stage_inputs[k]
+            feeds = {name: latents[name] for name in inputs[1:]}
+            feeds[inputs[0]] = x
+            y = session.run(None, feeds, options)[0]
+            na, nb = spans[k + 1] if k + 1 < len(spans) else keep
+            up = self._stages[k].up
+            x = y[..., na - a * up : nb - a * up]
+        return x.reshape(-1)
+
+    @property
+    def _stages(self) -> tuple[Stage, ...]:
+        return self.stages or (Stage(HOP, self.margin),)
 
     @functools.cached_property
-    def _vocoder_inputs(self) -> set[str]:
-        """The inputs the vocoder reads (z, and a speaker's embedding where it has one): asked of
-        its session once, not at every window."""
-        return {i.name for i in self.fast.vocoder.get_inputs()}
+    def _stage_inputs(self) -> list[list[str]]:
+        """Each stage's inputs, the previous stage's output (``z`` for the first) first, then what it
+        reads of the frontend's outputs (a speaker's embedding): asked of the sessions once."""
+        inputs = []
+        for k, session in enumerate(self.fast.vocoder):
+            names = [i.name for i in session.get_inputs()]
+            own = [n for n in names if n not in self.seam] if k else [self.z]
+            if len(own) != 1:
+                raise ValueError(f"vocoder stage {k} reads {names}: not one tensor from the stage before")
+            inputs.append([*own, *(n for n in names if n in self.seam and n not in own)])
+        return inputs
 
     def _flow_span(self, flowed: Flowed, end: int, total: int) -> tuple[int, int]:
         """The latent frames the flow runs on to have ``z`` up to ``end``: those not flowed yet,
@@ -619,12 +756,17 @@ class FrameStreamer:
         return need if first < need <= self.first_max() else first
 
     def first_max(self) -> int:
-        """The largest first window :meth:`_first_alone` plans: its frames beyond the schedule's
-        first cost no more than the seam of margins they save (``window_cost(0)``, ~31 frames'
-        worth here), so first audio is traded at most one for one against the sentence's work.
-        (A fixed 24 frames failed the passage's first sentence on a slower day: 26 were needed,
-        and it went in three windows.)"""
-        return self.schedule[0] + int(self.window_cost(0) / self.frame_cost_s)
+        """The largest first window :meth:`_first_alone` plans: the schedule's first two together.
+        Growing the first window spares the sentence the schedule's second window, and that
+        costs more than its seam of margins: in one process, the passage's first sentence (262
+        frames) took 204 ms in windows of 8, 32 and the rest against 180 ms in 27 and the rest
+        (162 ms whole; lean sessions, 15 interleaved runs). Its runs' fixed costs, two threads
+        poorly used on few frames, and the flow's margins (~60 frames, now more than the
+        vocoder's) make the 24 ms, ~38 frames' worth, so first audio is traded at most one for
+        one against the sentence's work. (Bounded by the seam's modelled cost alone, the cap
+        fell to ~23 frames once the vocoder was cut into stages, and the side-by-side passage
+        went in three windows: last audio 1.066x in a served A/B.)"""
+        return self.schedule[0] + self.schedule[1]
 
     def _sustainable(self, jobs: int) -> int:
         """The smallest later window with which ``jobs`` streams taking turns each gain audio
