@@ -1,8 +1,8 @@
 """The onnxruntime sessions of one Piper worker, built to share what they can.
 
-A worker that streams by frames holds ten sessions over one voice: the whole graph (sentence
-mode, short lines) and three sets of the split's three parts (threads spinning, sleeping, and on
-half the cores: ``engines/vits_split.py``). Built plainly, each session owns a copy of every
+A worker that streams by frames holds sixteen sessions over one voice: the whole graph (sentence
+mode, short lines) and three sets (threads spinning, sleeping, and on half the cores) of the
+split's parts, its frontend, flow and three vocoder stages (``engines/vits_split.py``). Built plainly, each session owns a copy of every
 weight it reads and an arena grown to its own largest run: four copies of the voice's weights
 (~60 MB on a medium voice), and four arenas that each keep ~150 MB after a 512-frame window. So
 :class:`VoiceSessions` gives every session of a voice one shared copy of each weight
