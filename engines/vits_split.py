@@ -19,7 +19,7 @@ The vocoder is cut again, before each upsampling after the first, into *stages*
 whose margins are counted in their own input's samples: most of its field
 (10 of the 11 frames) lies in its first stage, at the latent rate, which does
 ~1/5 of its work; the later stages, at 8 and 64 samples per frame, need under
-a frame's worth each. A seam then decodes ~2.5 frames' worth of vocoder work
+a frame's worth each. A seam then decodes ~2.3 frames' worth of vocoder work
 each side instead of 11 (``Split.seam_frames``).
 
 The seams are found from the graph, not from names: the prior's noise is the
