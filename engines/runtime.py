@@ -13,7 +13,7 @@ playback deadline first (``engines/schedule.py``), each job on at most one
 thread at a time, so a job's replies stay in order. A second thread (Piper
 has one) takes only first pieces: a new line starts at once, and the piece in
 progress on the first thread is interrupted if its listener has audio enough
-to wait for the new line and for that piece again (``Pacing.interrupt``), so
+to wait for the new line and for the rest of that piece (``Pacing.interrupt``), so
 the new line's first audio has the cores to itself. An engine whose runs can
 take a share of the cores (``Engine.parallel``: Piper's frame mode, on half)
 has a third thread for later pieces while it holds several jobs: two streams'

@@ -15,8 +15,9 @@ way, and an NPC's first words jump ahead of the narrator's next windows instead 
 for the whole narration. A piece cannot be cut anywhere, as earliest-deadline-first would
 like; instead a worker with a second thread starts a new line there at once, and interrupts
 the piece in progress on the first thread if that listener has audio enough to wait
-(:meth:`Pacing.interrupt`; the engine runs that piece again afterwards), so the new line's
-first audio does not share the cores with another stream's long window.
+(:meth:`Pacing.interrupt`; the engine goes on with that piece afterwards, from where it was
+cut where it can), so the new line's first audio does not share the cores with another
+stream's long window.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class Pacing:
     def interruptible(self, stop: Callable[[], None], cost: float) -> Iterator[None]:
         """Marks a run of the engine's, expected to take ``cost`` seconds, that :meth:`interrupt`
         may cut short by calling ``stop`` (from another thread). The engine then yields no
-        audio for that piece and runs it again at its next turn."""
+        audio for that piece and goes on with it at its next turn (Piper's frame windows from
+        the last part they had finished: ``FrameStreamer._vocode``; other runs from the start)."""
         with self._lock:
             self._stop_run, self._run_cost = stop, cost
         try:
@@ -99,7 +101,7 @@ class Pacing:
         """Cut short the run in progress for another job whose listener has ``other_lead``
         seconds of audio in hand, if that listener would run dry before the run ends while this
         one has audio enough to wait ``wait`` seconds and then for the whole run again (with
-        :data:`SLACK` both ways); True if it was cut."""
+        :data:`SLACK` both ways: an engine may have to start it over); True if it was cut."""
         with self._lock:
             if self._stop_run is None or other_lead >= SLACK * self._run_cost:
                 return False

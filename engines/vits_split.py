@@ -20,7 +20,9 @@ whose margins are counted in their own input's samples: most of its field
 (10 of the 11 frames) lies in its first stage, at the latent rate, which does
 ~1/5 of its work; the later stages, at 8 and 64 samples per frame, need under
 a frame's worth each. A seam then decodes ~2.3 frames' worth of vocoder work
-each side instead of 11 (``Split.seam_frames``).
+each side instead of 11 (``Split.seam_frames``). Those two stages run in pieces
+of a few dozen frames (:data:`PIECE`), kept as they end, so a window cut short
+for a new line goes on from where it was (``FrameStreamer._vocode``).
 
 The seams are found from the graph, not from names: the prior's noise is the
 last ``RandomNormalLike``, and the first ``Add`` after it makes ``z_p``, the
@@ -42,7 +44,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
@@ -62,6 +64,9 @@ be decoded before the audio already out runs out (a window costs ~0.05 of its ow
 so they grow as fast as that allows, which spends the margins on few windows: a 47-word sentence
 decodes 1.07× its frames through the vocoder (1.5× with (8, 24, 64, 128, 256) and one 32-frame
 margin around flow and vocoder together; 1.2× with this schedule and that margin)."""
+PIECE = 64
+"""Latent frames per run of a vocoder stage whose margin is under a frame (``FrameStreamer._vocode``):
+a run cut short loses at most this much of that stage's work (~20 ms of a window on one core)."""
 MERGE = 0.5
 """A remainder shorter than this fraction of the next window is decoded with the current one."""
 SUSTAIN = 0.75
@@ -278,13 +283,7 @@ def _receptive_field(part, along: str, frames: int = 160) -> tuple[int, int]:  #
     output samples per input sample. Outputs beyond the field do not change at all (the same
     arithmetic on the same numbers), so the tolerance only has to rise above nothing."""
     session = onnxruntime.InferenceSession(part.SerializeToString(), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for tensor in session.get_inputs():  # time is the last axis; a mask or an embedding of ones
-        shape = [d if isinstance(d, int) else 1 for d in tensor.shape]
-        if not isinstance(tensor.shape[-1], int):
-            shape[-1] = frames
-        feeds[tensor.name] = rng.standard_normal(shape).astype(np.float32) if tensor.name == along else np.ones(shape, np.float32)
+    feeds = _probe_feeds(session, along, frames)
     base = session.run(None, feeds)[0]
     feeds[along][..., frames // 2] += 1.0
     moved = np.abs(session.run(None, feeds)[0] - base)
@@ -294,19 +293,32 @@ def _receptive_field(part, along: str, frames: int = 160) -> tuple[int, int]:  #
     return int(max(frames // 2 - changed.min(), changed.max() - frames // 2)), per_sample.size // frames
 
 
+def _probe_feeds(
+    session: onnxruntime.InferenceSession, along: str, frames: int, x: Optional[np.ndarray] = None
+) -> dict[str, np.ndarray]:
+    """Feeds for a probe run of a part: ``x`` (random, ``frames`` long, if None) for ``along``, and
+    ones for every other input (a mask, an embedding); unknown dimensions 1, but time (the last)
+    as long as ``x``'s."""
+    if x is None:
+        shape = [d if isinstance(d, int) else 1 for d in next(t for t in session.get_inputs() if t.name == along).shape]
+        x = np.random.default_rng(0).standard_normal([*shape[:-1], frames]).astype(np.float32)
+    feeds = {}
+    for tensor in session.get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in tensor.shape]
+        if not isinstance(tensor.shape[-1], int):
+            shape[-1] = x.shape[-1]
+        feeds[tensor.name] = x if tensor.name == along else np.ones(shape, np.float32)
+    return feeds
+
+
 def _time_shares(stages: Sequence, inputs: Sequence[str], frames: int = 200) -> list[float]:  # type: ignore[type-arg]
     """Each stage's share of the vocoder's time, on a window of ``frames`` latent frames (the
     best of three runs each): what weighs the stages' margins in :attr:`Split.seam_frames`."""
     times = []
-    x: Optional[np.ndarray] = None
+    x: Optional[np.ndarray] = None  # random for the first stage, then each stage's output
     for graph, name in zip(stages, inputs):
         session = onnxruntime.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-        feeds = {}
-        for t in session.get_inputs():  # z as _receptive_field feeds it, then each stage's output
-            shape = [d if isinstance(d, int) else 1 for d in t.shape]
-            if t.name == name and x is None:
-                x = np.random.default_rng(0).standard_normal([*shape[:-1], frames]).astype(np.float32)
-            feeds[t.name] = x if t.name == name else np.ones(shape, np.float32)
+        feeds = _probe_feeds(session, name, frames, x)
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()
@@ -389,14 +401,35 @@ def _first_add_after(node, consumers: dict) -> str:  # type: ignore[no-untyped-d
     raise ValueError("no Add after the prior noise: cannot find z_p")
 
 
-class Flowed:
-    """The flow's output for one sentence, as far as its windows have needed it: each window
-    extends it, flowing only frames not flowed before (plus the flow's margins)."""
+class Progress:
+    """A sentence's decoding so far, carried from one of its windows to the next: the flow's
+    output, as far as its windows have needed it (each window flows only frames not flowed
+    before, plus the flow's margins), and the vocoder's work on a window cut short."""
 
     def __init__(self) -> None:
         self.z: Optional[np.ndarray] = None
         self.ready = 0
         """Latent frames of ``z`` computed so far, from the first."""
+        self.window: Optional[_Window] = None
+        """The window whose run was cut short, with what its stages had done: its next turn goes on
+        from there (:meth:`FrameStreamer._vocode`)."""
+
+
+@dataclass
+class _Window:
+    """A window's vocoder work so far, kept as each run of a stage ends."""
+
+    keep: tuple[int, int]
+    """The window's audio samples of the sentence: which window this is."""
+    stage: int = 0
+    """The stage in progress."""
+    x: Optional[np.ndarray] = None
+    """That stage's input over its span (from ``z`` for the first stage)."""
+    out: list[np.ndarray] = field(default_factory=list)
+    """That stage's output so far, in pieces, cut to the next stage's span."""
+
+    def done(self) -> int:
+        return sum(piece.shape[-1] for piece in self.out)
 
 
 @dataclass(frozen=True)
@@ -530,7 +563,8 @@ class FrameStreamer:
         their arenas (``PiperEngine.release_memory``)."""
         for parts in {id(p): p for p in (self.fast, self.lean, self.narrow) if p is not None}.values():
             latents = dict(zip(self.seam, parts.frontend.run(self.seam, feeds, options)))
-            self._decode(parts, latents, 0, self.frames(latents), Flowed(), options)
+            total = self.frames(latents)
+            self._decode(parts, latents, _spans(self._stages, 0, total, total), (0, total * HOP), Progress(), options)
 
     def parts(self, pacing: Pacing) -> Parts:
         """The sessions for a run of this job now: :attr:`fast` while its listener waits,
@@ -566,21 +600,24 @@ class FrameStreamer:
         start: int,
         end: int,
         pacing: Pacing = UNPACED,
-        flowed: Optional[Flowed] = None,
+        progress: Optional[Progress] = None,
         options: Optional[onnxruntime.RunOptions] = None,
     ) -> Optional[np.ndarray]:
         """Audio of latent frames ``[start, end)``, decoded with margins that are then dropped;
-        None if ``pacing.interrupt()`` cut the run short. ``flowed`` carries the flow's output
-        from one window of a sentence to the next."""
-        parts, flowed, total = self.parts(pacing), flowed or Flowed(), self.frames(latents)
-        lo, hi = _spans(self._stages, start, end, total)[0]
-        flow_to = total if self._flows_ahead(pacing, flowed, lo, hi, total) else hi
-        flow_lo, flow_hi = self._flow_span(flowed, flow_to, total)
+        None if ``pacing.interrupt()`` cut the run short: ``progress`` (the sentence's, from one
+        window to the next) then keeps what it had done, and the same window goes on from there."""
+        parts, progress, total = self.parts(pacing), progress or Progress(), self.frames(latents)
+        spans = _spans(self._stages, start, end, total)
+        lo, hi = spans[0]
+        flow_to = total if self._flows_ahead(pacing, progress, lo, hi, total) else hi
+        flow_lo, flow_hi = self._flow_span(progress, flow_to, total)
         # The vocoder's work in latent frames' worth: the window, and the part of a whole seam
         # that each side's margin is (less where it meets the sentence's edge).
         vocoded = end - start + self._seam_frames * ((start - lo) + (hi - end)) / max(1, self.margin)
         cost = self.vocoder_cost_s * vocoded + self.flow_cost_s * (flow_hi - flow_lo)
-        run = _interruptibly(pacing, cost, lambda opts: self._decode(parts, latents, start, end, flowed, opts, flow_to), options)
+        keep = (start * HOP, end * HOP)
+        resumed = progress.window is not None and progress.window.keep == keep
+        run = _interruptibly(pacing, cost, lambda opts: self._decode(parts, latents, spans, keep, progress, opts, flow_to), options)
         if run is None:
             return None
         audio, flow_s, vocoder_s = run
@@ -589,51 +626,74 @@ class FrameStreamer:
         # which is what their windows then cost): what sizes the windows to come.
         if flow_hi > flow_lo:
             self.flow_cost_s += 0.25 * (flow_s / (flow_hi - flow_lo) - self.flow_cost_s)
-        self.vocoder_cost_s += 0.25 * (vocoder_s / vocoded - self.vocoder_cost_s)
+        if not resumed:  # (a resumed window ran only a part of its vocoder work)
+            self.vocoder_cost_s += 0.25 * (vocoder_s / vocoded - self.vocoder_cost_s)
         return audio
 
     def _decode(
         self,
         parts: Parts,
         latents: dict[str, np.ndarray],
-        start: int,
-        end: int,
-        flowed: Flowed,
+        spans: Sequence[tuple[int, int]],
+        keep: tuple[int, int],
+        progress: Progress,
         options: onnxruntime.RunOptions,
-        flow_to: Optional[int] = None,
+        flow_to: int = 0,
     ) -> tuple[np.ndarray, float, float]:
-        """Audio of latent frames ``[start, end)``, and the wall times of the flow (0 when ``z``
-        was there already) and of the vocoder, margins included; ``z`` flowed up to ``flow_to``
-        (at least as far as the window reads)."""
-        spans = _spans(self._stages, start, end, self.frames(latents))
+        """The audio samples ``keep`` of a window whose stages run on ``spans`` (:func:`_spans`), and the wall times
+        of the flow (0 when ``z`` was there already) and of the vocoder, margins included; ``z``
+        flowed up to ``flow_to`` (at least as far as the window reads)."""
         t0 = time.perf_counter()
-        self._flow(parts, latents, flowed, max(flow_to or 0, spans[0][1]), options)
+        self._flow(parts, latents, progress, max(flow_to, spans[0][1]), options)
         t1 = time.perf_counter()
-        audio = self._vocode(parts, latents, flowed, spans, (start * HOP, end * HOP), options)
+        audio = self._vocode(parts, latents, progress, spans, keep, options)
         return audio, t1 - t0, time.perf_counter() - t1
 
     def _vocode(
         self,
         parts: Parts,
         latents: dict[str, np.ndarray],
-        flowed: Flowed,
+        progress: Progress,
         spans: Sequence[tuple[int, int]],
         keep: tuple[int, int],
         options: onnxruntime.RunOptions,
     ) -> np.ndarray:
-        """The audio samples ``keep``, stage after stage over ``z`` (already flowed): each stage
-        runs on its span (:func:`_spans`), and its output is cut to the next stage's span."""
-        assert flowed.z is not None and flowed.ready >= spans[0][1]
-        x = flowed.z[..., spans[0][0] : spans[0][1]]
-        for k, (session, (a, _)) in enumerate(zip(parts.vocoder, spans)):
+        """The window's audio, stage after stage over ``z`` (already flowed): each stage runs on its
+        span, and its output is cut to the next stage's span (the window's own samples, after the
+        last stage).
+
+        A stage whose margin is under a latent frame (the later two) runs in pieces of
+        :data:`PIECE` frames, each with its own margins; each piece's output, and each stage's,
+        is kept in ``progress`` as it is done. A run cut short for a new line (``Pacing.interrupt``)
+        then loses at most the piece in progress, and the window goes on from there at its next
+        turn. (Thrown away and decoded again whole, as before, the narration's long windows in the
+        table scene lost ~0.5 s of work to three NPC lines.)"""
+        window = progress.window
+        if window is None or window.keep != keep:
+            window = progress.window = _Window(keep)
+        assert progress.z is not None and progress.ready >= spans[0][1]
+        rate = 1  # the stage's input samples per latent frame
+        for k, (session, stage, (a, b)) in enumerate(zip(parts.vocoder, self._stages, spans)):
+            if k < window.stage:
+                rate *= stage.up
+                continue
+            x = progress.z[..., a:b] if k == 0 else window.x
+            assert x is not None
             inputs = self._stage_inputs[k]
             feeds = {name: latents[name] for name in inputs[1:]}
-            feeds[inputs[0]] = x
-            y = session.run(None, feeds, options)[0]
             na, nb = spans[k + 1] if k + 1 < len(spans) else keep
-            up = self._stages[k].up
-            x = y[..., na - a * up : nb - a * up]
-        return x.reshape(-1)
+            up = stage.up
+            step = PIECE * rate * up if stage.margin <= rate else nb - na
+            for p in range(na + window.done(), nb, step):
+                q = min(nb, p + step)
+                pa, pb = max(a, p // up - stage.margin), min(b, -(-q // up) + stage.margin)
+                feeds[inputs[0]] = x[..., pa - a : pb - a]
+                window.out.append(session.run(None, feeds, options)[0][..., p - pa * up : q - pa * up])
+            window.x, window.out, window.stage = np.concatenate(window.out, axis=-1), [], k + 1
+            rate *= up
+        progress.window = None
+        assert window.x is not None
+        return window.x.reshape(-1)
 
     @property
     def _stages(self) -> tuple[Stage, ...]:
@@ -652,38 +712,38 @@ class FrameStreamer:
             inputs.append([*own, *(n for n in names if n in self.seam and n not in own)])
         return inputs
 
-    def _flow_span(self, flowed: Flowed, end: int, total: int) -> tuple[int, int]:
+    def _flow_span(self, progress: Progress, end: int, total: int) -> tuple[int, int]:
         """The latent frames the flow runs on to have ``z`` up to ``end``: those not flowed yet,
         with the flow's margins (none when ``z`` is there already)."""
-        if flowed.ready >= end:
+        if progress.ready >= end:
             return 0, 0
-        return max(0, flowed.ready - self.flow_margin), min(total, end + self.flow_margin)
+        return max(0, progress.ready - self.flow_margin), min(total, end + self.flow_margin)
 
-    def _flows_ahead(self, pacing: Pacing, flowed: Flowed, lo: int, hi: int, total: int) -> bool:
+    def _flows_ahead(self, pacing: Pacing, progress: Progress, lo: int, hi: int, total: int) -> bool:
         """Whether a window's flow run goes on to the sentence's end, where the listener's audio in
         hand allows it (with :data:`SLACK`; a share of it while other jobs take turns): each later
         window then runs the vocoder alone, and no more flow margins are decoded twice (two per
         window: ~60 flow frames, about half the time of the vocoder's 22). Not before the first audio,
         which it would delay, nor unpaced, whose windows keep their own flow seams."""
-        if not pacing.paced or pacing.waiting() or flowed.ready >= hi or hi + self.flow_margin >= total:
+        if not pacing.paced or pacing.waiting() or progress.ready >= hi or hi + self.flow_margin >= total:
             return False
         alone = pacing.sharing() == 1 and not pacing.others_on_host()
         allowance = min(pacing.lead() / SLACK if alone else pacing.budget(), pacing.others_budget())
-        cost = self.vocoder_cost_s * (hi - lo) + self.flow_cost_s * (total - max(0, flowed.ready - self.flow_margin))
+        cost = self.vocoder_cost_s * (hi - lo) + self.flow_cost_s * (total - max(0, progress.ready - self.flow_margin))
         return cost <= allowance
 
-    def _flow(self, parts: Parts, latents: dict[str, np.ndarray], flowed: Flowed, end: int, options: onnxruntime.RunOptions) -> None:
-        """Extend ``flowed`` to ``z`` from the first latent frame up to ``end`` at least."""
+    def _flow(self, parts: Parts, latents: dict[str, np.ndarray], progress: Progress, end: int, options: onnxruntime.RunOptions) -> None:
+        """Extend ``progress`` to ``z`` from the first latent frame up to ``end`` at least."""
         total = self.frames(latents)
-        lo, hi = self._flow_span(flowed, end, total)
+        lo, hi = self._flow_span(progress, end, total)
         if hi > lo:
             feeds = {k: v[..., lo:hi] if v.shape[-1] == total else v for k, v in latents.items()}
             # Exact up to `end`, where the right margin is cut off; to the end where none was (a
             # sentence's last window then runs no flow again: "Halt!" flowed all its frames twice).
             keep = total if hi == total else end
-            z = parts.flow.run([self.z], feeds, options)[0][..., flowed.ready - lo : keep - lo]
-            flowed.z = z if flowed.z is None else np.concatenate([flowed.z, z], axis=-1)
-            flowed.ready = keep
+            z = parts.flow.run([self.z], feeds, options)[0][..., progress.ready - lo : keep - lo]
+            progress.z = z if progress.z is None else np.concatenate([progress.z, z], axis=-1)
+            progress.ready = keep
 
     def stream(self, latents: dict[str, np.ndarray], pacing: Pacing = UNPACED) -> Iterator[np.ndarray]:
         """The sentence's audio, window after window.
@@ -697,9 +757,9 @@ class FrameStreamer:
         margins than their audio lasts (:meth:`_floor`)."""
         total = self.frames(latents)
         short = total <= self.schedule[0] + 2 * self.margin  # windows would decode more than the whole
-        flowed = Flowed()
+        progress = Progress()
         for start, end in [(0, total)] if short else self.windows(total, pacing):
-            while (audio := self.decode(latents, start, end, pacing, flowed)) is None:
+            while (audio := self.decode(latents, start, end, pacing, progress)) is None:
                 yield NOTHING  # interrupted for a new line's first audio: this window again, at its next turn
             yield audio
 

@@ -137,6 +137,61 @@ def test_an_interrupted_window_is_decoded_again_and_nothing_is_lost_or_repeated(
     assert np.abs(np.concatenate(pieces) - np.concatenate(plain)).max() < 1e-6
 
 
+class _CutInside(Pacing):
+    """Pacing that cuts a run short once, as another thread would, when a session tells it to."""
+
+    def __init__(self) -> None:
+        super().__init__(Playback(arrived=0.0), lambda: ())
+        self.stop: Callable[[], None] = lambda: None
+
+    @contextmanager
+    def interruptible(self, stop: Callable[[], None], cost: float) -> Iterator[None]:
+        self.stop = stop
+        yield
+
+
+class _CutAfterRuns:
+    """A vocoder stage that counts its runs, and cuts the window short after its ``after``-th."""
+
+    def __init__(self, session: onnxruntime.InferenceSession, pacing: _CutInside, after: int) -> None:
+        self.session, self.pacing, self.after, self.runs = session, pacing, after, 0
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.session, name)
+
+    def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.runs += 1
+        out = self.session.run(*args, **kwargs)
+        if self.runs == self.after:
+            self.pacing.stop()
+        return out
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_window_cut_short_goes_on_from_the_piece_it_was_in(voice: PiperVoice, streamer: FrameStreamer, stage: int) -> None:
+    """A long window's later stages run in pieces (``PIECE``), each kept as it is done: cut short
+    after two pieces of a stage, the window's next turn runs only what was left (the piece cut,
+    and those after it), and its audio is the uncut window's."""
+    from engines.vits_split import PIECE, Progress
+
+    assert streamer.stages[stage].margin * streamer.stages[stage].up <= HOP  # under a frame: pieces
+    latents = streamer.latents(_feeds(voice, LONG, noise=1.0))
+    start, end = 40, 40 + 5 * PIECE // 2  # two and a half pieces
+    assert end < streamer.frames(latents)
+    plain = streamer.decode(latents, start, end)
+    pacing = _CutInside()
+    counted = _CutAfterRuns(streamer.fast.vocoder[stage], pacing, after=2)
+    vocoder = tuple(counted if k == stage else s for k, s in enumerate(streamer.fast.vocoder))
+    cut = dataclasses.replace(streamer, fast=dataclasses.replace(streamer.fast, vocoder=vocoder), narrow=None)
+    progress = Progress()
+    assert cut.decode(latents, start, end, pacing, progress) is None
+    assert counted.runs == 3  # two pieces, then the third cut as it began
+    audio = cut.decode(latents, start, end, pacing, progress)
+    assert counted.runs == 4 and progress.window is None  # the third piece again, and done
+    assert audio is not None and plain is not None and len(audio) == len(plain) == (end - start) * HOP
+    assert np.abs(audio - plain).max() < 1e-6
+
+
 def test_an_interrupted_frontend_is_run_again_and_the_sentence_is_unchanged(fresh_frames: tuple[PiperEngine, Path]) -> None:
     """A sentence's frontend run gives way to a new line as its windows do: no audio from the
     cut run, the whole sentence from the next. (Noise off, so both runs compute the same.)"""
@@ -172,17 +227,17 @@ def test_windows_spend_little_decoding_margins(voice: PiperVoice, streamer: Fram
 def test_the_flow_and_the_vocoder_are_timed_apart_and_a_window_costs_what_its_parts_run(voice: PiperVoice, streamer: FrameStreamer) -> None:
     """Each part's cost is measured per frame it ran: a window whose ``z`` was flowed already
     times only the vocoder; the predicted cost of a window counts each part's own margins."""
-    from engines.vits_split import Flowed
+    from engines.vits_split import Progress
 
     costs = dataclasses.replace(streamer, vocoder_cost_s=1.0, flow_cost_s=1.0)  # far from anything measured
     latents = costs.latents(_feeds(voice, LONG, noise=1.0))
-    flowed = Flowed()
-    assert costs.decode(latents, 0, 40, flowed=flowed) is not None
+    progress = Progress()
+    assert costs.decode(latents, 0, 40, progress=progress) is not None
     assert 0 < costs.flow_cost_s < 1.0 and 0 < costs.vocoder_cost_s < 1.0
-    flowed.ready = costs.frames(latents)  # as if all of z were there: the flow does not run
-    flowed.z = np.zeros((1, 192, flowed.ready), np.float32)
+    progress.ready = costs.frames(latents)  # as if all of z were there: the flow does not run
+    progress.z = np.zeros((1, 192, progress.ready), np.float32)
     flow_before, vocoder_before = costs.flow_cost_s, costs.vocoder_cost_s
-    assert costs.decode(latents, 40, 80, flowed=flowed) is not None
+    assert costs.decode(latents, 40, 80, progress=progress) is not None
     assert costs.flow_cost_s == flow_before and costs.vocoder_cost_s != vocoder_before
     v, f, m, fm = costs.vocoder_cost_s, costs.flow_cost_s, costs.seam_frames, costs.flow_margin
     assert costs.window_cost(100) == pytest.approx(v * (100 + 2 * m) + f * (100 + 2 * fm))
