@@ -564,7 +564,7 @@ class FrameStreamer:
         for parts in {id(p): p for p in (self.fast, self.lean, self.narrow) if p is not None}.values():
             latents = dict(zip(self.seam, parts.frontend.run(self.seam, feeds, options)))
             total = self.frames(latents)
-            self._decode(parts, latents, _spans(self._stages, 0, total, total), (0, total * HOP), Progress(), options)
+            self._decode(lambda parts=parts: parts, latents, _spans(self._stages, 0, total, total), (0, total * HOP), Progress(), options)
 
     def parts(self, pacing: Pacing) -> Parts:
         """The sessions for a run of this job now: :attr:`fast` while its listener waits,
@@ -606,7 +606,7 @@ class FrameStreamer:
         """Audio of latent frames ``[start, end)``, decoded with margins that are then dropped;
         None if ``pacing.interrupt()`` cut the run short: ``progress`` (the sentence's, from one
         window to the next) then keeps what it had done, and the same window goes on from there."""
-        parts, progress, total = self.parts(pacing), progress or Progress(), self.frames(latents)
+        progress, total = progress or Progress(), self.frames(latents)
         spans = _spans(self._stages, start, end, total)
         lo, hi = spans[0]
         flow_to = total if self._flows_ahead(pacing, progress, lo, hi, total) else hi
@@ -617,7 +617,9 @@ class FrameStreamer:
         cost = self.vocoder_cost_s * vocoded + self.flow_cost_s * (flow_hi - flow_lo)
         keep = (start * HOP, end * HOP)
         resumed = progress.window is not None and progress.window.keep == keep
-        run = _interruptibly(pacing, cost, lambda opts: self._decode(parts, latents, spans, keep, progress, opts, flow_to), options)
+        run = _interruptibly(
+            pacing, cost, lambda opts: self._decode(lambda: self.parts(pacing), latents, spans, keep, progress, opts, flow_to), options
+        )
         if run is None:
             return None
         audio, flow_s, vocoder_s = run
@@ -632,7 +634,7 @@ class FrameStreamer:
 
     def _decode(
         self,
-        parts: Parts,
+        parts: Callable[[], Parts],
         latents: dict[str, np.ndarray],
         spans: Sequence[tuple[int, int]],
         keep: tuple[int, int],
@@ -642,16 +644,17 @@ class FrameStreamer:
     ) -> tuple[np.ndarray, float, float]:
         """The audio samples ``keep`` of a window whose stages run on ``spans`` (:func:`_spans`), and the wall times
         of the flow (0 when ``z`` was there already) and of the vocoder, margins included; ``z``
-        flowed up to ``flow_to`` (at least as far as the window reads)."""
+        flowed up to ``flow_to`` (at least as far as the window reads). Each run takes the sessions
+        ``parts()`` gives then."""
         t0 = time.perf_counter()
-        self._flow(parts, latents, progress, max(flow_to, spans[0][1]), options)
+        self._flow(parts(), latents, progress, max(flow_to, spans[0][1]), options)
         t1 = time.perf_counter()
         audio = self._vocode(parts, latents, progress, spans, keep, options)
         return audio, t1 - t0, time.perf_counter() - t1
 
     def _vocode(
         self,
-        parts: Parts,
+        parts: Callable[[], Parts],
         latents: dict[str, np.ndarray],
         progress: Progress,
         spans: Sequence[tuple[int, int]],
@@ -667,13 +670,15 @@ class FrameStreamer:
         is kept in ``progress`` as it is done. A run cut short for a new line (``Pacing.interrupt``)
         then loses at most the piece in progress, and the window goes on from there at its next
         turn. (Thrown away and decoded again whole, as before, the narration's long windows in the
-        table scene lost ~0.5 s of work to three NPC lines.)"""
+        table scene lost ~0.5 s of work to three NPC lines.) Each run takes the sessions ``parts()``
+        gives then: a window begun on half the cores while other jobs took turns goes on with
+        every core once they are done (:meth:`parts`)."""
         window = progress.window
         if window is None or window.keep != keep:
             window = progress.window = _Window(keep)
         assert progress.z is not None and progress.ready >= spans[0][1]
         rate = 1  # the stage's input samples per latent frame
-        for k, (session, stage, (a, b)) in enumerate(zip(parts.vocoder, self._stages, spans)):
+        for k, (stage, (a, b)) in enumerate(zip(self._stages, spans)):
             if k < window.stage:
                 rate *= stage.up
                 continue
@@ -688,7 +693,7 @@ class FrameStreamer:
                 q = min(nb, p + step)
                 pa, pb = max(a, p // up - stage.margin), min(b, -(-q // up) + stage.margin)
                 feeds[inputs[0]] = x[..., pa - a : pb - a]
-                window.out.append(session.run(None, feeds, options)[0][..., p - pa * up : q - pa * up])
+                window.out.append(parts().vocoder[k].run(None, feeds, options)[0][..., p - pa * up : q - pa * up])
             window.x, window.out, window.stage = np.concatenate(window.out, axis=-1), [], k + 1
             rate *= up
         progress.window = None

@@ -192,6 +192,45 @@ def test_a_window_cut_short_goes_on_from_the_piece_it_was_in(voice: PiperVoice, 
     assert np.abs(audio - plain).max() < 1e-6
 
 
+class _AfterEachRun:
+    """A session that counts its runs and calls ``then`` after each."""
+
+    def __init__(self, session: onnxruntime.InferenceSession, then: Callable[[], None]) -> None:
+        self.session, self.then, self.runs = session, then, 0
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.session, name)
+
+    def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.runs += 1
+        out = self.session.run(*args, **kwargs)
+        self.then()
+        return out
+
+
+def test_a_window_begun_on_half_the_cores_goes_on_with_all_of_them_once_it_is_alone(voice: PiperVoice, streamer: FrameStreamer) -> None:
+    """Each run of a window's pieces takes the sessions its job's pacing gives then: begun on the
+    half-core sessions beside another job, it goes on with every core once that job is done."""
+    assert streamer.narrow is not None
+    jobs = [Playback(arrived=0.0, first=0.0), Playback(arrived=0.0, first=0.0)]
+
+    class _Job:
+        def __init__(self, playback: Playback) -> None:
+            self.playback = playback
+
+    pacing = Pacing(jobs[0], lambda: [_Job(p) for p in jobs])
+    narrow = _AfterEachRun(streamer.narrow.vocoder[-1], then=lambda: jobs[1:] and jobs.pop())  # the other job ends
+    lean = _AfterEachRun(streamer.lean.vocoder[-1], then=lambda: None)
+    swap = lambda parts, stage: dataclasses.replace(parts, vocoder=(*parts.vocoder[:-1], stage))  # noqa: E731
+    both = dataclasses.replace(streamer, narrow=swap(streamer.narrow, narrow), lean=swap(streamer.lean, lean))
+    latents = streamer.latents(_feeds(voice, LONG, noise=1.0))
+    start, end = 40, 200
+    audio = both.decode(latents, start, end, pacing)
+    plain = streamer.decode(latents, start, end)
+    assert narrow.runs == 1 and lean.runs >= 2  # the last stage's first piece on half, the rest on all
+    assert audio is not None and plain is not None and np.abs(audio - plain).max() < 1e-6
+
+
 def test_an_interrupted_frontend_is_run_again_and_the_sentence_is_unchanged(fresh_frames: tuple[PiperEngine, Path]) -> None:
     """A sentence's frontend run gives way to a new line as its windows do: no audio from the
     cut run, the whole sentence from the next. (Noise off, so both runs compute the same.)"""
