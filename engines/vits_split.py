@@ -765,7 +765,7 @@ class FrameStreamer:
         progress = Progress()
         for start, end in [(0, total)] if short else self.windows(total, pacing):
             while (audio := self.decode(latents, start, end, pacing, progress)) is None:
-                yield NOTHING  # interrupted for a new line's first audio: this window again, at its next turn
+                yield NOTHING  # interrupted for a new line's first audio: this window goes on at its next turn
             yield audio
 
     def windows(self, total: int, pacing: Pacing = UNPACED) -> Iterator[tuple[int, int]]:

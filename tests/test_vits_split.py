@@ -137,6 +137,22 @@ def test_an_interrupted_window_is_decoded_again_and_nothing_is_lost_or_repeated(
     assert np.abs(np.concatenate(pieces) - np.concatenate(plain)).max() < 1e-6
 
 
+class _AfterEachRun:
+    """A session (a flow, a vocoder stage) that counts its runs and calls ``then`` after each."""
+
+    def __init__(self, session: onnxruntime.InferenceSession, then: Callable[[], object]) -> None:
+        self.session, self.then, self.runs = session, then, 0
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.session, name)
+
+    def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.runs += 1
+        out = self.session.run(*args, **kwargs)
+        self.then()
+        return out
+
+
 class _CutInside(Pacing):
     """Pacing that cuts a run short once, as another thread would, when a session tells it to."""
 
@@ -148,23 +164,6 @@ class _CutInside(Pacing):
     def interruptible(self, stop: Callable[[], None], cost: float) -> Iterator[None]:
         self.stop = stop
         yield
-
-
-class _CutAfterRuns:
-    """A vocoder stage that counts its runs, and cuts the window short after its ``after``-th."""
-
-    def __init__(self, session: onnxruntime.InferenceSession, pacing: _CutInside, after: int) -> None:
-        self.session, self.pacing, self.after, self.runs = session, pacing, after, 0
-
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-        return getattr(self.session, name)
-
-    def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self.runs += 1
-        out = self.session.run(*args, **kwargs)
-        if self.runs == self.after:
-            self.pacing.stop()
-        return out
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -180,7 +179,7 @@ def test_a_window_cut_short_goes_on_from_the_piece_it_was_in(voice: PiperVoice, 
     assert end < streamer.frames(latents)
     plain = streamer.decode(latents, start, end)
     pacing = _CutInside()
-    counted = _CutAfterRuns(streamer.fast.vocoder[stage], pacing, after=2)
+    counted = _AfterEachRun(streamer.fast.vocoder[stage], lambda: counted.runs == 2 and pacing.stop())
     vocoder = tuple(counted if k == stage else s for k, s in enumerate(streamer.fast.vocoder))
     cut = dataclasses.replace(streamer, fast=dataclasses.replace(streamer.fast, vocoder=vocoder), narrow=None)
     progress = Progress()
@@ -190,22 +189,6 @@ def test_a_window_cut_short_goes_on_from_the_piece_it_was_in(voice: PiperVoice, 
     assert counted.runs == 4 and progress.window is None  # the third piece again, and done
     assert audio is not None and plain is not None and len(audio) == len(plain) == (end - start) * HOP
     assert np.abs(audio - plain).max() < 1e-6
-
-
-class _AfterEachRun:
-    """A session that counts its runs and calls ``then`` after each."""
-
-    def __init__(self, session: onnxruntime.InferenceSession, then: Callable[[], None]) -> None:
-        self.session, self.then, self.runs = session, then, 0
-
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-        return getattr(self.session, name)
-
-    def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self.runs += 1
-        out = self.session.run(*args, **kwargs)
-        self.then()
-        return out
 
 
 def test_a_window_begun_on_half_the_cores_goes_on_with_all_of_them_once_it_is_alone(voice: PiperVoice, streamer: FrameStreamer) -> None:
@@ -283,20 +266,9 @@ def test_the_flow_and_the_vocoder_are_timed_apart_and_a_window_costs_what_its_pa
     assert costs.window_cost(100, margins=1) == pytest.approx(v * (100 + m) + f * (100 + fm))
 
 
-class _CountedRuns:
-    """A session that counts its runs (the flow's, here)."""
-
-    def __init__(self, session: onnxruntime.InferenceSession) -> None:
-        self.session, self.runs = session, 0
-
-    def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self.runs += 1
-        return self.session.run(*args, **kwargs)
-
-
-def _counting_flow(streamer: FrameStreamer) -> tuple[FrameStreamer, _CountedRuns]:
+def _counting_flow(streamer: FrameStreamer) -> tuple[FrameStreamer, _AfterEachRun]:
     """The streamer with its flow runs counted, whichever session set a window takes."""
-    flow = _CountedRuns(streamer.lean.flow)
+    flow = _AfterEachRun(streamer.lean.flow, lambda: None)
     sets = {name: dataclasses.replace(getattr(streamer, name), flow=flow) for name in ("fast", "lean")}
     return dataclasses.replace(streamer, narrow=None, **sets), flow
 
