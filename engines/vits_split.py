@@ -679,23 +679,21 @@ class FrameStreamer:
         assert progress.z is not None and progress.ready >= spans[0][1]
         rate = 1  # the stage's input samples per latent frame
         for k, (stage, (a, b)) in enumerate(zip(self._stages, spans)):
-            if k < window.stage:
-                rate *= stage.up
-                continue
-            x = progress.z[..., a:b] if k == 0 else window.x
-            assert x is not None
-            inputs = self._stage_inputs[k]
-            feeds = {name: latents[name] for name in inputs[1:]}
-            na, nb = spans[k + 1] if k + 1 < len(spans) else keep
-            up = stage.up
-            step = PIECE * rate * up if stage.margin <= rate else nb - na
-            for p in range(na + window.done(), nb, step):
-                q = min(nb, p + step)
-                pa, pb = max(a, p // up - stage.margin), min(b, -(-q // up) + stage.margin)
-                feeds[inputs[0]] = x[..., pa - a : pb - a]
-                window.out.append(parts().vocoder[k].run(None, feeds, options)[0][..., p - pa * up : q - pa * up])
-            window.x, window.out, window.stage = np.concatenate(window.out, axis=-1), [], k + 1
-            rate *= up
+            if k >= window.stage:
+                x = progress.z[..., a:b] if k == 0 else window.x
+                assert x is not None
+                inputs = self._stage_inputs[k]
+                feeds = {name: latents[name] for name in inputs[1:]}
+                na, nb = spans[k + 1] if k + 1 < len(spans) else keep
+                up = stage.up
+                step = PIECE * rate * up if stage.margin <= rate else nb - na
+                for p in range(na + window.done(), nb, step):
+                    q = min(nb, p + step)
+                    pa, pb = max(a, p // up - stage.margin), min(b, -(-q // up) + stage.margin)
+                    feeds[inputs[0]] = x[..., pa - a : pb - a]
+                    window.out.append(parts().vocoder[k].run(None, feeds, options)[0][..., p - pa * up : q - pa * up])
+                window.x, window.out, window.stage = np.concatenate(window.out, axis=-1), [], k + 1
+            rate *= stage.up
         progress.window = None
         assert window.x is not None
         return window.x.reshape(-1)
