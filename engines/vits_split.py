@@ -771,18 +771,26 @@ class FrameStreamer:
         start = step = 0
         while start < total:
             size = self.schedule[min(step, len(self.schedule) - 1)]
+            floor, cap = 0, 1 << 30
             if pacing.paced:
                 size = max(size, self._frames_for(pacing.budget()))
                 if step == 1 and pacing.sharing() == 1 and SLACK * self.window_cost(total - start, margins=1) <= pacing.lead():
                     size = total - start  # the rest fits in the audio in hand: at once (what _first_alone plans for)
                 # …but not so large that another listener runs out meanwhile, down to a floor
                 # that still gains audio faster than the margins cost when several take turns.
-                size = max(self._floor(step, total, pacing), min(size, self._frames_for(pacing.others_budget())))
+                floor, cap = self._floor(step, total, pacing), self._frames_for(pacing.others_budget())
+                size = max(floor, min(size, cap))
                 # No larger than the schedule's largest: onnxruntime's arena grows to the largest
                 # window it has decoded and keeps it (issue 11), ~150 MB more for whole sentences.
                 size = min(size, self.schedule[-1])
             end = min(total, start + size)
-            if total - end < MERGE * self.schedule[min(step + 1, len(self.schedule) - 1)]:
+            rest = total - end
+            if rest < MERGE * self.schedule[min(step + 1, len(self.schedule) - 1)] and (rest + size <= cap or rest < floor):
+                # The remainder goes with this window, if the others can wait for both, or if it
+                # is under the floor: a window that small is not worth its margins. (Merged
+                # whatever the others' audio, four passages at once had their last windows grow
+                # by up to half the schedule's largest, ~250 ms of runs while another listener
+                # had 220 ms in hand.)
                 end = total
             yield start, end
             start, step = end, step + 1

@@ -492,6 +492,9 @@ def test_windows_grow_with_the_audio_in_hand_and_shrink_for_the_others() -> None
     assert len(ahead) < len(alone)
     crowded = list(streamer.windows(total, _Paced(own=10.0, others=0.08)))  # another listener has 0.16 s
     assert all(e - s <= max(SCHEDULE[1], 80 - 2 * MARGIN) for s, e in crowded[1:-1])
+    # The last window too: what is left joins it only if it is too small to be worth its margins.
+    floor = streamer._floor(len(crowded) - 1, total, _Paced(own=10.0, others=0.08))
+    assert crowded[-1][1] - crowded[-1][0] < max(SCHEDULE[1], 80 - 2 * MARGIN) + floor
     shared = list(streamer.windows(total, _Paced(own=0.0, others=float("inf"), sharing=3)))
     # Its first audio must last while the two others start and its own next window is decoded,
     # with slack for a machine that runs slower for a while than its costs' averages say.
