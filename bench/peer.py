@@ -12,6 +12,7 @@ own solo figures from the same run. Ratios are ours / wyoming-piper's: below 1 i
 
 from __future__ import annotations
 
+import math
 import socket
 import statistics
 import subprocess
@@ -62,6 +63,15 @@ class Heard:
     heard_end: float
     """When its listener hears its last sample: played in real time from the first chunk, waiting
     at each underrun for the chunk that ran late."""
+    headroom: float | None = None
+    """Its closest call: the least audio its listener had in hand when a chunk arrived, from the
+    first pause in the stream on (negative at an underrun; None when it came in one burst).
+    Underruns only count the calls that failed; this shows how near the others came."""
+
+
+PAUSE_S = 0.005
+"""A gap between two chunks longer than this ends the stream's first burst: the chunks of one
+decoder window (or sentence) arrive microseconds apart, a few ms apart at most under load."""
 
 
 class _Player:
@@ -74,20 +84,24 @@ class _Player:
         self.played = 0.0
         self.underruns = 0
         self.heard_end = t0
+        self.headroom: float | None = None
 
     def chunk(self, seconds: float) -> None:
         now = time.perf_counter()
         if self.first is None:
             self.first = now
-        elif now > self.first + self.played:
-            self.underruns += 1
+        else:
+            if now > self.first + self.played:
+                self.underruns += 1
+            if self.headroom is not None or now - self.last > PAUSE_S:
+                self.headroom = min(self.headroom if self.headroom is not None else math.inf, self.first + self.played - now)
         self.played += seconds
         self.heard_end = max(self.heard_end, now) + seconds
         self.last = now
 
     def heard(self) -> Heard:
         assert self.first is not None, "no audio"
-        return Heard(self.first - self.t0, self.last - self.t0, self.underruns, self.played, self.heard_end - self.t0)
+        return Heard(self.first - self.t0, self.last - self.t0, self.underruns, self.played, self.heard_end - self.t0, self.headroom)
 
 
 class Ours:
@@ -258,6 +272,14 @@ def _at_once(speak: Callable[[str], Heard], jobs: list[tuple[float, str]]) -> li
     return results  # type: ignore[return-value]
 
 
+def _headroom(heard: list[Heard]) -> dict[str, float | None]:
+    """The streams' closest calls in ms (:attr:`Heard.headroom`): the least, and the 10th percentile."""
+    calls = [h.headroom * 1000 for h in heard if h.headroom is not None]
+    if not calls:
+        return {"min": None, "p10": None}
+    return {"min": round(min(calls), 1), "p10": round(percentile(calls, 10), 1)}
+
+
 def run(reps: int = 5, loads: int = 3, workers: int | None = None) -> dict[str, Any]:
     """Every case of the side-by-side; ``workers``: override serve's default worker count."""
     names = ("ours", "wyoming")
@@ -312,6 +334,7 @@ def run(reps: int = 5, loads: int = 3, workers: int | None = None) -> dict[str, 
         out[f"four_{name}_first_ms"] = {"p50": round(statistics.median(firsts), 1), "p90": round(percentile(firsts, 90), 1)}
         out[f"four_{name}_wall_ms"] = round(statistics.median(walls), 1)
         out[f"four_{name}_underruns"] = sum(h.underruns for run_ in together[name] for h in run_)
+        out[f"four_{name}_headroom_ms"] = _headroom([h for run_ in together[name] for h in run_])
         npc_alone = statistics.median(h.first for h in npc_solo[name])
         npc_table = [h.first for run_ in table[name] for h in run_[1:]]
         out[f"table_{name}_npc_first_ms"] = [round(x * 1000, 1) for x in npc_table]
@@ -324,6 +347,7 @@ def run(reps: int = 5, loads: int = 3, workers: int | None = None) -> dict[str, 
             statistics.median(run_[0].heard_end for run_ in table[name]) / statistics.median(h.heard_end for h in narration_solo[name]), 3
         )
         out[f"table_{name}_underruns"] = sum(h.underruns for run_ in table[name] for h in run_)
+        out[f"table_{name}_headroom_ms"] = _headroom([h for run_ in table[name] for h in run_])
 
     def ratio(a: float, b: float) -> float:
         return round(a / b, 3)
@@ -343,6 +367,8 @@ def run(reps: int = 5, loads: int = 3, workers: int | None = None) -> dict[str, 
         "peer_table_narration_vs_solo": out["table_ours_narration_vs_solo"],
         "peer_table_narration_heard_vs_solo": out["table_ours_narration_heard_vs_solo"],
         "peer_table_underruns": out["table_ours_underruns"],
+        "peer_four_headroom_p10_ms": out["four_ours_headroom_ms"]["p10"],
+        "peer_table_headroom_p10_ms": out["table_ours_headroom_ms"]["p10"],
         "peer_rss_ratio": ratio(rss["ours"]["largest_mb"], rss["wyoming"]["largest_mb"]),
         "peer_rss_busy_ratio": ratio(rss_busy["ours"]["largest_mb"], rss_busy["wyoming"]["largest_mb"]),
     }

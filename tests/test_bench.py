@@ -71,3 +71,22 @@ def test_the_side_by_sides_player_counts_underruns_and_when_the_listener_hears_t
     assert heard.underruns == 1
     assert (round(heard.first, 3), round(heard.last, 3), round(heard.audio_s, 3)) == (0.1, 0.38, 0.4)
     assert round(heard.heard_end, 3) == 0.55  # 1.25 + 0.2 of audio left to play, from 0.9
+    assert round(heard.headroom, 3) == -0.05  # its closest call: the underrun
+
+
+def test_the_side_by_sides_player_reports_the_closest_call_after_the_first_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A window's chunks arrive together: within the first burst the listener is not at risk (its
+    second chunk arrives with one chunk in hand, by design), so only later chunks are calls."""
+    from bench import peer
+
+    clock = iter([1.0, 1.001, 1.002, 1.2, 1.2005, 1.35])  # chunks of 0.1 s
+    monkeypatch.setattr(peer.time, "perf_counter", lambda: next(clock))
+    player = peer._Player(t0=0.9)
+    for _ in range(3):
+        player.chunk(0.1)
+    assert player.heard().headroom is None  # one burst: never at risk
+    for _ in range(3):
+        player.chunk(0.1)
+    heard = player.heard()
+    assert heard.underruns == 0
+    assert round(heard.headroom, 3) == 0.1  # 0.3 s sent by 1.0 + 0.3, the next chunk at 1.2
