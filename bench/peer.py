@@ -64,14 +64,16 @@ class Heard:
     """When its listener hears its last sample: played in real time from the first chunk, waiting
     at each underrun for the chunk that ran late."""
     headroom: float | None = None
-    """Its closest call: the least audio its listener had in hand when a chunk arrived, from the
-    first pause in the stream on (negative at an underrun; None when it came in one burst).
-    Underruns only count the calls that failed; this shows how near the others came."""
+    """Its closest call: the least audio its listener had in hand when a burst of chunks began to
+    arrive (:data:`PAUSE_S`), the first excepted (negative at an underrun; None when it came in one
+    burst). Underruns only count the calls that failed; this shows how near the others came."""
 
 
-PAUSE_S = 0.005
-"""A gap between two chunks longer than this ends the stream's first burst: the chunks of one
-decoder window (or sentence) arrive microseconds apart, a few ms apart at most under load."""
+PAUSE_S = 0.015
+"""A chunk that arrives this long after the one before it starts a burst: the chunks of one
+decoder window (or sentence) arrive together, under a few ms apart (under load, at most ~10 ms
+between two chunks of four passages' first windows), and the next window takes longer than
+this to decode. Within a burst the audio in hand only grows."""
 
 
 class _Player:
@@ -93,7 +95,7 @@ class _Player:
         else:
             if now > self.first + self.played:
                 self.underruns += 1
-            if self.headroom is not None or now - self.last > PAUSE_S:
+            if now - self.last > PAUSE_S:
                 self.headroom = min(self.headroom if self.headroom is not None else math.inf, self.first + self.played - now)
         self.played += seconds
         self.heard_end = max(self.heard_end, now) + seconds

@@ -790,8 +790,8 @@ class FrameStreamer:
                 # is under the floor: a window that small is not worth its margins. (Merged
                 # whatever the others' audio, four passages at once had their last windows grow
                 # by up to half the schedule's largest, ~250 ms of runs while another listener
-                # had 220 ms in hand. Served A/B, 30 rounds: each stream's closest call, p10 34 ->
-                # 69 ms; in later runs up to 3 % more CPU, for a seam more per first sentence.)
+                # had 220 ms in hand. Served A/B, 20 rounds: each stream's closest call, p10 60 ->
+                # 175 ms, for a seam more per first sentence: 1.03x the CPU.)
                 end = total
             yield start, end
             start, step = end, step + 1
@@ -819,7 +819,7 @@ class FrameStreamer:
         audio: the rest of a window's last chunk waits for the next window (``Pacing.chunk_s``).
         (Counted as frames alone, an NPC line's 8-frame first window sent 80 ms, and its next
         window came 0-50 ms before that ran out in the table scene's 30 lines of 30. Served A/B,
-        16 rounds: the closest call of each stream, p10 / p50 22 / 38 -> 34 / 74 ms.)"""
+        20 rounds: the closest call of each stream, p10 / p50 25 / 39 -> 49 / 73 ms.)"""
         if chunk_s > 0:
             seconds = math.ceil(seconds / chunk_s - 1e-9) * chunk_s
         return math.ceil(seconds * self.rate / HOP)

@@ -75,11 +75,12 @@ def test_the_side_by_sides_player_counts_underruns_and_when_the_listener_hears_t
 
 
 def test_the_side_by_sides_player_reports_the_closest_call_after_the_first_burst(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A window's chunks arrive together: within the first burst the listener is not at risk (its
-    second chunk arrives with one chunk in hand, by design), so only later chunks are calls."""
+    """A window's chunks arrive together, and within a burst the audio in hand only grows: the
+    calls are the later bursts' first chunks (the first burst's second chunk comes with one chunk
+    in hand by design, which is no call)."""
     from bench import peer
 
-    clock = iter([1.0, 1.001, 1.002, 1.2, 1.2005, 1.35])  # chunks of 0.1 s
+    clock = iter([1.0, 1.001, 1.012, 1.2, 1.2005, 1.35])  # chunks of 0.1 s
     monkeypatch.setattr(peer.time, "perf_counter", lambda: next(clock))
     player = peer._Player(t0=0.9)
     for _ in range(3):
