@@ -8,6 +8,7 @@ that a second request arrives while the first is still being spoken."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -499,9 +500,9 @@ def test_windows_grow_with_the_audio_in_hand_and_shrink_for_the_others() -> None
     sharing.chunk_s = 0.04
     shared = list(streamer.windows(total, sharing))
     # Its first audio must last while the two others start and its own next window is decoded,
-    # with slack for a machine that runs slower for a while than its costs' averages say; up
-    # to a chunk of it waits for that next window.
-    first_audio_s = shared[0][1] * HOP / streamer.rate - sharing.chunk_s
+    # with slack for a machine that runs slower for a while than its costs' averages say: the
+    # audio of its whole chunks, since the rest of the last one waits for that next window.
+    first_audio_s = math.floor(shared[0][1] * HOP / streamer.rate / sharing.chunk_s) * sharing.chunk_s
     assert first_audio_s >= SLACK * (2 * 0.05 + streamer.window_cost(shared[1][1] - shared[1][0])) / SUSTAIN
     assert shared[0][1] > alone[0][1]
     # Four listeners with little audio in hand: no later window so small that four of them, margins
