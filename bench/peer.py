@@ -331,12 +331,13 @@ def run(reps: int = 5, loads: int = 3, workers: int | None = None) -> dict[str, 
             out[f"{case}_{name}_underruns"] = sum(h.underruns for h in rows[case][name])
     for name in names:
         out[f"cpu_per_passage_{name}_s"] = round(statistics.median(cpu[name]), 3)
-        firsts = [h.first * 1000 for run_ in together[name] for h in run_]
+        four = [h for run_ in together[name] for h in run_]
+        firsts = [h.first * 1000 for h in four]
         walls = [max(h.last for h in run_) * 1000 for run_ in together[name]]
         out[f"four_{name}_first_ms"] = {"p50": round(statistics.median(firsts), 1), "p90": round(percentile(firsts, 90), 1)}
         out[f"four_{name}_wall_ms"] = round(statistics.median(walls), 1)
-        out[f"four_{name}_underruns"] = sum(h.underruns for run_ in together[name] for h in run_)
-        out[f"four_{name}_headroom_ms"] = _headroom([h for run_ in together[name] for h in run_])
+        out[f"four_{name}_underruns"] = sum(h.underruns for h in four)
+        out[f"four_{name}_headroom_ms"] = _headroom(four)
         npc_alone = statistics.median(h.first for h in npc_solo[name])
         npc_table = [h.first for run_ in table[name] for h in run_[1:]]
         out[f"table_{name}_npc_first_ms"] = [round(x * 1000, 1) for x in npc_table]
@@ -348,8 +349,9 @@ def run(reps: int = 5, loads: int = 3, workers: int | None = None) -> dict[str, 
         out[f"table_{name}_narration_heard_vs_solo"] = round(
             statistics.median(run_[0].heard_end for run_ in table[name]) / statistics.median(h.heard_end for h in narration_solo[name]), 3
         )
-        out[f"table_{name}_underruns"] = sum(h.underruns for run_ in table[name] for h in run_)
-        out[f"table_{name}_headroom_ms"] = _headroom([h for run_ in table[name] for h in run_])
+        scene = [h for run_ in table[name] for h in run_]
+        out[f"table_{name}_underruns"] = sum(h.underruns for h in scene)
+        out[f"table_{name}_headroom_ms"] = _headroom(scene)
 
     def ratio(a: float, b: float) -> float:
         return round(a / b, 3)
