@@ -121,8 +121,9 @@ class SynthesisRequest(BaseModel):
     format: Literal["s16le", "f32le"] = "s16le"
     sample_rate: Optional[int] = Field(default=None, ge=MIN_RATE, le=MAX_RATE)
     """Output rate in Hertz; default the engine's native rate."""
-    chunk_ms: int = Field(default=40, ge=10, le=1000)
-    """Audio per chunk in milliseconds (the last chunk of a sentence may be shorter)."""
+    chunk_ms: Optional[int] = Field(default=None, ge=10, le=1000)
+    """Audio per chunk in milliseconds (the last chunk of a sentence may be shorter); absent,
+    each chunk is the audio the engine has just made, at most 1000 ms (``engines/audio.py``)."""
     speed: float = Field(default=1.0, gt=0.25, le=4.0, allow_inf_nan=False)
     """Speaking rate multiplier: 2.0 speaks twice as fast."""
     stream: Optional[Literal["frames", "sentence"]] = None

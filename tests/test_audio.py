@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engines.audio import LIMIT_KNEE, ChunkEncoder, soft_limit, to_pcm
+from engines.audio import LIMIT_KNEE, PIECE_MAX_MS, ChunkEncoder, soft_limit, to_pcm
 
 
 def _tone(rate: int, seconds: float, hz: float = 440.0) -> np.ndarray:
@@ -43,6 +43,32 @@ def test_chunks_cover_the_segment_exactly_without_resampling(pieces: list[int], 
     assert np.array_equal(out, audio)
     n = 22050 * chunk_ms // 1000
     assert all(len(c) == n * 4 for c in chunks[:-1]) and (not chunks or 0 < len(chunks[-1]) <= n * 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pieces=st.lists(st.integers(0, 50_000), min_size=1, max_size=6), out_rate=st.sampled_from([22050, 16000, 48000]))
+def test_without_a_chunk_size_each_piece_leaves_whole_in_chunks_of_at_most_a_second(pieces: list[int], out_rate: int) -> None:
+    """Nothing is held back for a chunk to fill: all a push's audio (all the resampler gives
+    back) goes out at once, cut at PIECE_MAX_MS; the segment's audio is all there, in order."""
+    enc = ChunkEncoder(22050, out_rate, "f32le", None)
+    audio = np.random.default_rng(1).uniform(-1, 1, sum(pieces)).astype(np.float32)
+    most = out_rate * PIECE_MAX_MS // 1000 * 4
+    chunks: list[bytes] = []
+    pos = 0
+    for n in pieces:
+        out = list(enc.push(audio[pos : pos + n]))
+        pos += n
+        assert all(0 < len(c) <= most for c in out)
+        assert all(len(c) == most for c in out[:-1])  # cut only where a second is full
+        if out_rate == 22050:
+            assert sum(len(c) for c in out) == n * 4
+        chunks += out
+    chunks += enc.end_segment()
+    out = np.frombuffer(b"".join(chunks), dtype="<f4")
+    if out_rate == 22050:
+        assert np.array_equal(out, audio)
+    else:
+        assert len(out) == enc.position(len(audio))
 
 
 @pytest.mark.parametrize("out_rate", [8000, 16000, 24000, 44100, 48000])

@@ -320,7 +320,7 @@ def test_failover_before_audio_is_invisible() -> None:
     [req] = requests_to(out, W2)
     # The same request, untouched: nothing was promised to the client yet.
     assert req.address == k
-    assert sent_request(req) == {"text": "One. Two.", "language": "en", "format": "s16le", "chunk_ms": 40, "speed": 1.0}
+    assert sent_request(req) == {"text": "One. Two.", "language": "en", "format": "s16le", "speed": 1.0}
     assert to_client(rig.core.on_worker(W2, start(k, b"a"), 0.3), C1) == []
     out = rig.core.on_worker(W2, audio(k, b"a", b"\x00\x00"), 0.4)
     evs = events(out, C1)

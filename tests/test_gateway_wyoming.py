@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 
+from engines.audio import PIECE_MAX_MS
 from tests.asr import SENTENCE, assert_heard_like_piper
 from tests.conftest import EN_VOICE, STORY, Gatewayed
 from tests.gateway_util import idle, status, wait_for
@@ -17,7 +18,7 @@ from wyoming.event import Event
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
-CHUNK_BYTES = 22050 * 2 * 40 // 1000
+CHUNK_BYTES = 22050 * 2 * PIECE_MAX_MS // 1000
 """The broker's default 40 ms chunk of 16-bit audio at 22,050 Hz: no relayed chunk is larger."""
 
 
@@ -70,8 +71,8 @@ def test_synthesize_relays_the_brokers_chunks_as_they_come(gateways: Gatewayed) 
     start = AudioStart.from_event(events[0])
     assert (start.rate, start.width, start.channels) == (22050, 2, 1)
     chunks = [AudioChunk.from_event(e) for e in events if AudioChunk.is_type(e.type)]
-    assert len(chunks) == len(events) - 2 and len(chunks) >= 10
-    # One Wyoming chunk per broker chunk (at most 40 ms each), not the utterance gathered.
+    assert len(chunks) == len(events) - 2 and len(chunks) >= 3
+    # One Wyoming chunk per broker chunk (the engine's pieces, at most a second each), not the utterance gathered.
     assert all(0 < len(c.audio) <= CHUNK_BYTES and len(c.audio) % 2 == 0 for c in chunks)
     audio = np.frombuffer(audio_of(events), "<i2").astype(np.float32) / 32767
     after = wait_for(gateways.served, idle)["counters"]

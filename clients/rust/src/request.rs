@@ -57,7 +57,8 @@ pub struct Request {
     pub format: Option<SampleFormat>,
     /// 8000–48000 Hz; default the engine's native rate.
     pub sample_rate: Option<u32>,
-    /// Audio per chunk, 10–1000 ms; broker default 40.
+    /// Audio per chunk, 10–1000 ms; by default each chunk is the audio the engine has just
+    /// made (at most 1000 ms), so sizes vary (PROTOCOL.md, "Chunks").
     pub chunk_ms: Option<u32>,
     /// Timing kinds to receive as `timing` events (none when `None` or empty).
     pub timings: Option<Vec<TimingKind>>,
@@ -106,7 +107,7 @@ impl Request {
         self
     }
 
-    /// Set the audio per chunk, in milliseconds (10–1000).
+    /// Set the audio per chunk, in milliseconds (10–1000): for a player that wants blocks of one size.
     pub fn chunk_ms(mut self, ms: u32) -> Request {
         self.chunk_ms = Some(ms);
         self

@@ -24,7 +24,7 @@ options:
       --engine NAME        piper or xtts
       --format FMT         s16le (16-bit PCM WAV, default) or f32le (float WAV)
       --sample-rate HZ     8000-48000 (default: the engine's rate)
-      --chunk-ms MS        audio per chunk, 10-1000
+      --chunk-ms MS        audio per chunk, 10-1000 (default: as the engine makes it)
       --speed X            speaking-rate multiplier
       --timeout-ms MS      fail if nothing arrives for this long (default 30000)
       --wait-ready-ms MS   first wait up to MS for the service to be ready (mmi.service)
