@@ -81,7 +81,7 @@ def make_request(rng: random.Random) -> tuple[str, dict[str, Any], Optional[int]
     options: dict[str, Any] = {
         "format": rng.choice(_FORMATS),
         "sample_rate": rng.choice(_RATES),
-        "chunk_ms": rng.choice((20, 40, 40, 100)),
+        "chunk_ms": rng.choice((None, None, 20, 40, 100)),  # None: the engine's pieces, the default
         "speed": rng.choice((1.0, 1.0, 1.0, 0.8, 1.3)),
         "stream": rng.choice((None, None, "frames", "sentence")),
     }
