@@ -53,6 +53,8 @@ ERROR_CODES = (BAD_REQUEST, TOO_LARGE, UNAVAILABLE, CANCELLED, TIMEOUT, INTERNAL
 
 MIN_RATE = 8000
 MAX_RATE = 48000
+MAX_CHUNK_MS = 1000
+"""The longest chunk a request may ask for (``chunk_ms``), and the longest the default sends."""
 """Output rates a request may ask for, in Hertz."""
 
 TIMING_KINDS = ("phonemes", "words", "visemes")
@@ -121,7 +123,7 @@ class SynthesisRequest(BaseModel):
     format: Literal["s16le", "f32le"] = "s16le"
     sample_rate: Optional[int] = Field(default=None, ge=MIN_RATE, le=MAX_RATE)
     """Output rate in Hertz; default the engine's native rate."""
-    chunk_ms: Optional[int] = Field(default=None, ge=10, le=1000)
+    chunk_ms: Optional[int] = Field(default=None, ge=10, le=MAX_CHUNK_MS)
     """Audio per chunk in milliseconds (the last chunk of a sentence may be shorter); absent,
     each chunk is the audio the engine has just made, at most 1000 ms (``engines/audio.py``)."""
     speed: float = Field(default=1.0, gt=0.25, le=4.0, allow_inf_nan=False)

@@ -14,15 +14,15 @@ from typing import Iterator, Optional
 import numpy as np
 import soxr
 
-from broker.tts import SAMPLE_WIDTH
+from broker.tts import MAX_CHUNK_MS, SAMPLE_WIDTH
 
 _S16_MAX = 32767.0
 
 
-PIECE_MAX_MS = 1000
-"""The longest chunk a request without ``chunk_ms`` gets: the longest one it may ask for
-(``SynthesisRequest.chunk_ms``), so a message is no larger than one a client can ask for
-(at 48 kHz ``f32le``, 192 kB; the broker's ``max_message_bytes`` is 1 MiB by default)."""
+PIECE_MAX_MS = MAX_CHUNK_MS
+"""The longest chunk a request without ``chunk_ms`` gets: the longest one it may ask for, so a
+message is no larger than one a client can ask for (at 48 kHz ``f32le``, 192 kB; the broker's
+``max_message_bytes`` is 1 MiB by default)."""
 
 LIMIT_KNEE = 0.7
 """Where :func:`soft_limit` starts bending: below it samples pass unchanged."""
@@ -80,12 +80,22 @@ class ChunkEncoder:
         self.in_rate = in_rate
         self.out_rate = out_rate
         self.fmt = fmt
-        self.fixed = chunk_ms is not None
-        """Whether chunks are cut to one size (``chunk_ms``), holding a piece's end back until it fills one."""
+        self.chunk_ms = chunk_ms
+        """Every chunk's length; None: the engine's pieces."""
         self.chunk_samples = max(1, out_rate * (chunk_ms if chunk_ms is not None else PIECE_MAX_MS) // 1000)
         """Samples per full chunk at the output rate: every chunk's, or the most a piece's may hold."""
         self._pending = np.zeros(0, dtype=np.float32)
         self._resampler: Optional[soxr.ResampleStream] = None
+
+    @property
+    def fixed(self) -> bool:
+        """Whether chunks are cut to one size, holding a piece's end back until it fills one."""
+        return self.chunk_ms is not None
+
+    @property
+    def held_s(self) -> float:
+        """Up to this many seconds of a piece's end wait for the next piece (``Pacing.chunk_s``)."""
+        return self.chunk_ms / 1000 if self.chunk_ms is not None else 0.0
 
     def _resample(self, audio: np.ndarray, last: bool) -> np.ndarray:
         if self.in_rate == self.out_rate:

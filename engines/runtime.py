@@ -543,7 +543,7 @@ class WorkerRuntime:
             first: Optional[float] = None
             width = tts.SAMPLE_WIDTH[request.format]
             pacing = job.pacing
-            pacing.chunk_s = request.chunk_ms / 1000 if encoder.fixed else 0.0
+            pacing.chunk_s = encoder.held_s
 
             def send(chunks: Iterator[bytes]) -> None:
                 nonlocal seq, samples, first

@@ -19,7 +19,7 @@ from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
 CHUNK_BYTES = 22050 * 2 * PIECE_MAX_MS // 1000
-"""The broker's default 40 ms chunk of 16-bit audio at 22,050 Hz: no relayed chunk is larger."""
+"""The broker's longest default chunk (the engine's pieces, cut at a second) of 16-bit audio at 22,050 Hz: no relayed chunk is larger."""
 
 
 def client(g: Gatewayed) -> AsyncTcpClient:
