@@ -84,6 +84,7 @@ def make_request(rng: random.Random) -> tuple[str, dict[str, Any], Optional[int]
         "chunk_ms": rng.choice((None, None, 20, 40, 100)),  # None: the engine's pieces, the default
         "speed": rng.choice((1.0, 1.0, 1.0, 0.8, 1.3)),
         "stream": rng.choice((None, None, "frames", "sentence")),
+        "priority": rng.choice((None, None, None, -1, 1)),
     }
     cancel_after = rng.randint(1, 20) if rng.random() < 0.1 else None
     return text, options, cancel_after

@@ -13,7 +13,8 @@ Rules:
 * Everything that affects routing lives in this file. The server must not
   keep state of its own about workers or requests.
 * A *job* is one client request. It is either waiting in ``self.waiting``
-  (FIFO, bounded by ``max_queue``) or assigned to exactly one worker. A worker
+  (in order of priority, then of arrival; bounded by ``max_queue``) or
+  assigned to exactly one worker. A worker
   holds at most ``slots`` jobs (its capabilities say how many; 1 for a plain
   MDP worker), each known by the address the broker gave it. A job leaves the
   broker exactly once, through :meth:`_finish`, which sends the client its
@@ -219,6 +220,11 @@ class Job:
     """When the current worker last replied (or got the job)."""
     prefer: Optional[str] = None
     """Service to try first: the one whose worker just failed the job."""
+
+    @property
+    def priority(self) -> int:
+        """The request's ``priority`` (0 when absent, and for an opaque job)."""
+        return self.request.priority or 0 if self.request is not None else 0
 
     def move(self, state: JobState) -> None:
         if state not in JOB_TRANSITIONS[self.state]:
@@ -774,7 +780,10 @@ class BrokerCore:
         self.jobs[job.key] = job
         self.inflight[job.client] = self.inflight.get(job.client, 0) + 1
         if found is None:
-            self.waiting.append(job)
+            # Behind every waiting job of its priority or higher, and behind those a failed
+            # worker put back at the front (their listeners may be hearing them already).
+            at = next((i for i, w in enumerate(self.waiting) if not w.failed and w.priority < job.priority), len(self.waiting))
+            self.waiting.insert(at, job)
         else:
             self._assign(job, *found, out)
         return True

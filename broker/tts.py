@@ -53,9 +53,11 @@ ERROR_CODES = (BAD_REQUEST, TOO_LARGE, UNAVAILABLE, CANCELLED, TIMEOUT, INTERNAL
 
 MIN_RATE = 8000
 MAX_RATE = 48000
+"""Output rates a request may ask for, in Hertz."""
 MAX_CHUNK_MS = 1000
 """The longest chunk a request may ask for (``chunk_ms``), and the longest the default sends."""
-"""Output rates a request may ask for, in Hertz."""
+MAX_PRIORITY = 10
+"""A request's ``priority`` is an integer from ``-MAX_PRIORITY`` to ``MAX_PRIORITY``."""
 
 TIMING_KINDS = ("phonemes", "words", "visemes")
 """What a ``timing`` event may carry, in this order."""
@@ -130,6 +132,11 @@ class SynthesisRequest(BaseModel):
     """Speaking rate multiplier: 2.0 speaks twice as fast."""
     stream: Optional[Literal["frames", "sentence"]] = None
     """Piper: decode by frames (first audio in constant time) or by sentence; default the worker's."""
+    priority: Optional[int] = Field(default=None, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
+    """Who goes first when not every stream can be served at once (absent: 0). A worker serves
+    the stream whose listener would run out of audio first, each step counted as a second
+    sooner (``engines/schedule.py``); a request waiting for a free worker goes before those of
+    lower priority (``broker/core.py``)."""
     timings: Optional[list[TimingKind]] = None
     """Which ``timing`` events the stream should carry (``phonemes``, ``words``, ``visemes``);
     absent or empty: none, and the stream is exactly what it was before timings existed."""

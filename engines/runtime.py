@@ -52,7 +52,7 @@ from engines.alignment import Alignment, to_timing
 from engines.audio import ChunkEncoder
 from engines.base import Engine
 from engines.host_cores import BUSY, IDLE, STARTING, HostCores
-from engines.schedule import SLACK, UNPACED, HasPlayback, Pacing, Playback, next_up
+from engines.schedule import PRIORITY_STEP_S, SLACK, UNPACED, HasPlayback, Pacing, Playback, next_up
 from engines.text import split_sentences
 
 log = logging.getLogger("engines.runtime")
@@ -106,6 +106,8 @@ class _Job(HasPlayback):
     address: bytes
     rid: bytes
     raw: bytes
+    request: Optional[tts.SynthesisRequest]
+    """``raw`` read (None if invalid: its first step says why, in an ``error`` event)."""
     generation: int
     playback: Playback
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -384,7 +386,13 @@ class WorkerRuntime:
         if len(cmd.body) != 2:
             self._send(mdp.WorkerReply(cmd.address, tts.error_body(rid, tts.BAD_REQUEST, "expected request id and JSON"), True).frames())
             return
-        job = _Job(cmd.address, rid, cmd.body[1], self._generation, Playback(time.monotonic()))
+        arrived = time.monotonic()
+        try:  # read here, not on its first step: its priority orders it among the jobs held
+            request: Optional[tts.SynthesisRequest] = tts.parse_request(cmd.body[1], self.max_text_chars)
+        except tts.RequestError:
+            request = None
+        urgency = PRIORITY_STEP_S * (request.priority or 0) if request is not None else 0.0
+        job = _Job(cmd.address, rid, cmd.body[1], request, self._generation, Playback(arrived, urgency_s=urgency))
         job.pacing = Pacing(job.playback, lambda: list(self._active), lambda: self._start_cost, elsewhere=self._elsewhere)
         self._jobs[cmd.address] = job
         with self._work:
@@ -524,7 +532,7 @@ class WorkerRuntime:
 
         t0 = job.playback.arrived
         try:
-            request = tts.parse_request(job.raw, self.max_text_chars)
+            request = job.request or tts.parse_request(job.raw, self.max_text_chars)
             self.engine.check(request)
             rate = request.sample_rate or self.engine.native_rate
             encoder = ChunkEncoder(self.engine.native_rate, rate, request.format, request.chunk_ms)

@@ -8,7 +8,13 @@ audio at a time (a decoder window, or a sentence), always the job with the earli
   line's first window goes before every stream that has audio in hand, and new lines start
   in arrival order;
 * after that, the deadline is when the audio sent so far ends if played in real time from
-  its first chunk — the moment its listener would hear a gap.
+  its first chunk — the moment its listener would hear a gap;
+* a request's ``priority`` moves its deadline :data:`PRIORITY_STEP_S` sooner per step (later
+  for a negative one): a narrator at priority 1 is fed as if its listener had a second less
+  in hand than it has, ambient chatter at -1 as if a second more. It decides who gives way: a
+  new line's start does not cut short the piece of a stream due before it (a narrator at 1
+  with less than a second in hand), and when not every listener can be fed in time, the
+  lower priorities run dry first.
 
 At a real-time factor of about 0.05, one worker keeps several real-time streams fed this
 way, and an NPC's first words jump ahead of the narrator's next windows instead of waiting
@@ -29,6 +35,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 
+PRIORITY_STEP_S = 1.0
+"""Seconds sooner a job is due per step of its request's ``priority``: about what a listener
+notices (a stream a second from running dry is urgent; one with several seconds is not)."""
+
 SLACK = 1.5
 """How much more audio in hand than a wait strictly needs before a listener is made to wait
 (the costs it is compared with are moving averages on a shared machine)."""
@@ -43,6 +53,8 @@ class Playback:
     """When its first audio was sent."""
     audio_s: float = 0.0
     """Seconds of audio sent so far."""
+    urgency_s: float = 0.0
+    """Seconds sooner than its listener's own deadline that the job is due: its priority's."""
 
     def sent(self, seconds: float, now: float) -> None:
         if self.first is None:
@@ -51,7 +63,7 @@ class Playback:
 
     @property
     def deadline(self) -> float:
-        return self.arrived if self.first is None else self.first + self.audio_s
+        return (self.arrived if self.first is None else self.first + self.audio_s) - self.urgency_s
 
     def lead(self, now: float) -> float:
         """Seconds of audio its listener has in hand (0 before the first audio)."""

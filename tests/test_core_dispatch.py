@@ -20,6 +20,7 @@ from tests.core_rig import (
     W1,
     W2,
     audio,
+    caps,
     error_code,
     events,
     job_key,
@@ -96,6 +97,25 @@ def test_waiting_requests_are_served_in_fifo_order() -> None:
     out = rig.serve(W1, req.address, b"b", now=1.1)
     [req] = requests_to(out, W1)
     assert req.body[0] == b"c"
+
+
+def test_a_waiting_request_goes_before_those_of_lower_priority_and_behind_its_own() -> None:
+    rig = Rig()
+    rig.worker(W1, capabilities=caps(request_keys=sorted(tts.SynthesisRequest.model_fields)))
+    k = job_key(rig.request(C1, b"a"), W1)
+    rig.request(C1, b"low", now=0.1, priority=-1)
+    rig.request(C1, b"normal", now=0.2)
+    rig.request(C2, b"high", now=0.3, priority=2)
+    rig.request(C2, b"normal-2", now=0.4, priority=0)
+    rig.request(C2, b"high-2", now=0.5, priority=2)
+    assert [j.rid for j in rig.core.waiting] == [b"high", b"high-2", b"normal", b"normal-2", b"low"]
+    served, rid = [], b"a"
+    for t in range(5):
+        [req] = requests_to(rig.serve(W1, k, rid, now=1.0 + t), W1)
+        k, rid = req.address, req.body[0]
+        served.append(rid)
+    assert served == [b"high", b"high-2", b"normal", b"normal-2", b"low"]
+    assert json.loads(req.body[1])["priority"] == -1  # forwarded to a worker that understands it
 
 
 def test_new_worker_takes_waiting_request_on_ready() -> None:

@@ -581,6 +581,19 @@ def test_failed_over_job_times_out_while_the_other_worker_stays_busy() -> None:
     assert k not in rig.core.jobs
 
 
+def test_a_failed_over_job_stays_ahead_of_a_later_request_of_higher_priority() -> None:
+    rig = Rig()
+    keys = caps(request_keys=sorted(tts.SynthesisRequest.model_fields))
+    rig.worker(W1, capabilities=keys, now=0.0)
+    rig.worker(W2, capabilities=keys, now=0.0)
+    job_key(rig.request(C1, b"a"), W1)
+    job_key(rig.request(C1, b"b"), W2)
+    rig.request(C2, b"c", now=0.1)
+    rig.core.on_worker(W1, DISCONNECT, 0.3)
+    rig.request(C2, b"urgent", now=0.4, priority=10)
+    assert [j.rid for j in rig.core.waiting] == [b"a", b"urgent", b"c"]
+
+
 def test_failed_over_job_keeps_its_place_at_the_front_of_the_queue() -> None:
     rig = Rig()
     rig.worker(W1, now=0.0)

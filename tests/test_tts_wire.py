@@ -52,6 +52,10 @@ BAD_REQUESTS = {
     "unknown engine": _req(text="hi", engine="festival"),
     "chunk_ms too small": _req(text="hi", chunk_ms=9),
     "chunk_ms too large": _req(text="hi", chunk_ms=1001),
+    "priority too low": _req(text="hi", priority=-11),
+    "priority too high": _req(text="hi", priority=11),
+    "priority not an integer": _req(text="hi", priority=1.5),
+    "priority a boolean": _req(text="hi", priority=True),
     "speed zero": _req(text="hi", speed=0),
     "speed too high": _req(text="hi", speed=4.5),
     "empty voice": _req(text="hi", voice=""),
@@ -111,14 +115,15 @@ def test_defaults() -> None:
     assert r.engine is None
     assert r.sample_rate is None
     assert r.speed == 1.0
+    assert r.priority is None  # 0
 
 
 def test_all_fields_accepted() -> None:
     r = tts.parse_request(
-        _req(text="Olá", language="pt-BR", voice="pt_BR-faber-medium", engine="piper", format="f32le", sample_rate=16000, chunk_ms=20, speed=1.5),
+        _req(text="Olá", language="pt-BR", voice="pt_BR-faber-medium", engine="piper", format="f32le", sample_rate=16000, chunk_ms=20, speed=1.5, priority=-10),
         LIMIT,
     )
-    assert (r.language, r.voice, r.engine, r.format, r.sample_rate, r.chunk_ms, r.speed) == (
+    assert (r.language, r.voice, r.engine, r.format, r.sample_rate, r.chunk_ms, r.speed, r.priority) == (
         "pt-BR",
         "pt_BR-faber-medium",
         "piper",
@@ -126,6 +131,7 @@ def test_all_fields_accepted() -> None:
         16000,
         20,
         1.5,
+        -10,
     )
 
 

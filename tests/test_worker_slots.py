@@ -24,7 +24,7 @@ from engines.base import Engine
 from engines.host_cores import BUSY, STARTING, HostCores
 from engines import runtime
 from engines.runtime import RELAY_PAUSE_S, WorkerRuntime
-from engines.schedule import Pacing, Playback, next_up
+from engines.schedule import PRIORITY_STEP_S, Pacing, Playback, next_up
 from tests.conftest import free_port
 
 RATE = 16000
@@ -69,8 +69,8 @@ class _Broker:
         self.worker, *ready = self.sock.recv_multipart()
         self.ready = mdp.decode_worker(ready)
 
-    def request(self, key: bytes, text: str) -> None:
-        body = [key, json.dumps({"text": text, "format": "s16le", "chunk_ms": 100}).encode()]
+    def request(self, key: bytes, text: str, **fields: object) -> None:
+        body = [key, json.dumps({"text": text, "format": "s16le", "chunk_ms": 100, **fields}).encode()]
         self.sock.send_multipart([self.worker, *mdp.WorkerRequest(key, body).frames()])
 
     def cancel(self, key: bytes) -> None:
@@ -126,6 +126,23 @@ def test_a_short_line_is_spoken_while_a_long_one_is_still_going(broker: _Broker)
     for job, pieces in ((b"A", 60), (b"B", 2)):
         seqs = [ev.seq for j, _, ev in log if j == job and isinstance(ev, tts.Audio)]
         assert seqs == list(range(pieces)), f"job {job!r}: {seqs}"
+
+
+def test_a_stream_of_higher_priority_is_fed_a_second_ahead_before_a_new_line_starts(broker: _Broker) -> None:
+    """Priority 1 counts as a second less in hand (``engines/schedule.py``): the new line, due
+    when it arrives, waits until the narrator's listener has a second more than that."""
+    broker.request(b"A", "60 pieces", priority=1)
+    log: list[tuple[bytes, bool, tts.Event]] = []
+    for reply in broker.replies():
+        log.append(reply)
+        if reply[0] == b"A" and isinstance(reply[2], tts.Audio) and reply[2].seq == 0:
+            broker.request(b"B", "2 pieces")
+        if sum(final for _, final, _ in log) == 2:
+            break
+    order = [(job, type(ev).__name__) for job, _, ev in log]
+    before_b = order[: order.index((b"B", "Audio"))].count((b"A", "Audio"))
+    assert before_b >= 11, f"B started when A had sent {before_b} pieces of 0.1 s"  # 1 s more than its first
+    assert order[-1] == (b"A", "End"), "B waited for the whole of A"
 
 
 class _LoggedTime:
@@ -436,6 +453,20 @@ def test_earliest_deadline_first() -> None:
     assert next_up([streaming, new, newer]) is new
     assert next_up([streaming, newer, behind, new]) is behind
     assert next_up([streaming]) is streaming
+
+
+def test_priority_moves_a_deadline_a_second_per_step() -> None:
+    class J:
+        def __init__(self, playback: Playback) -> None:
+            self.playback = playback
+
+    narrator = J(Playback(arrived=0.0, first=1.0, audio_s=1.5, urgency_s=PRIORITY_STEP_S))  # dry at 2.5, due at 1.5
+    npc = J(Playback(arrived=0.0, first=1.0, audio_s=1.0))  # dry at 2.0
+    assert next_up([npc, narrator]) is narrator
+    ambient = J(Playback(arrived=1.2, urgency_s=-PRIORITY_STEP_S))  # a new line at -1: due at 2.2
+    assert next_up([ambient, narrator, npc]) is narrator
+    assert next_up([ambient, npc]) is npc
+    assert next_up([ambient, J(Playback(arrived=0.0, first=1.0, audio_s=2.0))]) is ambient  # dry at 3.0
 
 
 def test_a_new_job_waits_while_a_playing_one_has_less_audio_than_starting_takes() -> None:

@@ -66,6 +66,9 @@ pub struct Request {
     pub speed: Option<f64>,
     /// Piper decoding mode; default the worker's.
     pub stream: Option<StreamMode>,
+    /// −10–10, broker default 0: who goes first when not every stream can be served at once
+    /// (PROTOCOL.md, "Priority"); a narrator at 1 is fed as if it had a second less audio in hand.
+    pub priority: Option<i8>,
 }
 
 impl Request {
@@ -125,6 +128,14 @@ impl Request {
         self
     }
 
+    /// Set the priority, −10–10: each step counts as a second of audio less in hand when the
+    /// worker chooses whom to feed, and a request waiting for a free worker goes before those
+    /// of lower priority.
+    pub fn priority(mut self, priority: i8) -> Request {
+        self.priority = Some(priority);
+        self
+    }
+
     /// Ask for `timing` events of these kinds (PROTOCOL.md, "Timings"); see [`crate::TimingTrack`].
     pub fn timings(mut self, kinds: &[TimingKind]) -> Request {
         self.timings = Some(kinds.to_vec());
@@ -159,6 +170,9 @@ impl Request {
         }
         if let Some(v) = self.stream {
             m.insert("stream".into(), Value::from(v.as_str()));
+        }
+        if let Some(v) = self.priority {
+            m.insert("priority".into(), Value::from(v));
         }
         if let Some(kinds) = &self.timings {
             if !kinds.is_empty() {
@@ -215,13 +229,14 @@ mod tests {
             .sample_rate(22050)
             .chunk_ms(20)
             .speed(1.5)
-            .stream(StreamMode::Frames);
+            .stream(StreamMode::Frames)
+            .priority(-3);
         let v: Value = serde_json::from_slice(&r.to_json()).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"text": "héllo", "language": "pt-BR", "voice": "v", "engine": "piper",
                                "format": "s16le", "sample_rate": 22050, "chunk_ms": 20, "speed": 1.5,
-                               "stream": "frames"})
+                               "stream": "frames", "priority": -3})
         );
     }
 }

@@ -26,6 +26,7 @@ options:
       --sample-rate HZ     8000-48000 (default: the engine's rate)
       --chunk-ms MS        audio per chunk, 10-1000 (default: as the engine makes it)
       --speed X            speaking-rate multiplier
+      --priority N         -10-10: who goes first when not every stream can be served (default 0)
       --timeout-ms MS      fail if nothing arrives for this long (default 30000)
       --wait-ready-ms MS   first wait up to MS for the service to be ready (mmi.service)
       --curve-key PATH     this client's secret certificate (NAME.key_secret), for a broker with CURVE
@@ -95,6 +96,7 @@ fn parse_args(args: Vec<String>) -> Result<Option<Options>, String> {
             "--sample-rate" => request = request.sample_rate(parse_number(&flag, &value()?)?),
             "--chunk-ms" => request = request.chunk_ms(parse_number(&flag, &value()?)?),
             "--speed" => request = request.speed(parse_number(&flag, &value()?)?),
+            "--priority" => request = request.priority(parse_number(&flag, &value()?)?),
             "--timeout-ms" => timeout = Duration::from_millis(parse_number(&flag, &value()?)?),
             "--wait-ready-ms" => wait_ready = Some(Duration::from_millis(parse_number(&flag, &value()?)?)),
             "--curve-key" => curve_key = Some(PathBuf::from(value()?)),
