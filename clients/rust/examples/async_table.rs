@@ -2,7 +2,8 @@
 //!
 //! cargo run --offline --features tokio --example async_table -- tcp://127.0.0.1:5555 [--tasks N] [--text TEXT]
 //!
-//! Each task (default 8) speaks its own line (or `--text`). As events arrive:
+//! Each task (default 8) speaks its own line (or `--text`); task 0 is the narrator, at
+//! priority 1 (fed first when not every stream can be). As events arrive:
 //!
 //! `start rid=<id> task=<k> engine=piper voice=<v> pid=<worker pid>`
 //! `failover rid=<id> task=<k> engine=piper reason=<why> pid=<new worker pid> resume_at=<char>`
@@ -44,7 +45,9 @@ async fn speak(client: Client, task: usize, text: String) -> Summary {
         failovers: 0,
         outcome: String::new(),
     };
-    let mut stream = match client.speak(&Request::new(text).language("en")) {
+    let request = Request::new(text).language("en");
+    let request = if task == 0 { request.priority(1) } else { request };
+    let mut stream = match client.speak(&request) {
         Ok(stream) => stream,
         Err(e) => {
             s.outcome = e.code().to_string();
