@@ -58,11 +58,11 @@ def test_wav_has_a_streaming_header_soundfile_reads(gateways: Gatewayed) -> None
     assert_heard_like_piper(text, audio, sr, again=lambda: soundfile.read(io.BytesIO(post().content), dtype="float32")[0])
 
 
-def test_default_format_is_wav_and_speed_and_sample_rate_are_honoured(gateways: Gatewayed) -> None:
+def test_default_format_is_wav_and_speed_sample_rate_and_priority_are_honoured(gateways: Gatewayed) -> None:
     base = {"model": "tts-1", "voice": "alloy", "input": "Roll for initiative, adventurers."}  # an OpenAI stock voice
     with httpx.Client(base_url=gateways.http_url, timeout=60) as http:
         normal = http.post("/v1/audio/speech", json=base)
-        fast = http.post("/v1/audio/speech", json={**base, "speed": 2.0, "response_format": "pcm", "sample_rate": 16000})
+        fast = http.post("/v1/audio/speech", json={**base, "speed": 2.0, "response_format": "pcm", "sample_rate": 16000, "priority": 1})
     assert normal.status_code == 200 and normal.headers["content-type"] == "audio/wav"
     assert fast.status_code == 200 and fast.headers["x-sample-rate"] == "16000"
     normal_s = (len(normal.content) - 44) / 2 / 22050
@@ -86,9 +86,10 @@ def test_default_format_is_wav_and_speed_and_sample_rate_are_honoured(gateways: 
         ({"model": "tts-1", "voice": EN_VOICE, "input": "x" * 5000}, "input", "invalid_value"),
         ({"model": "tts-1", "voice": EN_VOICE, "input": "Hi.", "volume": 3}, "volume", "invalid_value"),
         ({"model": "tts-1", "voice": EN_VOICE, "input": "Hi.", "stream_format": "sse"}, "stream_format", "invalid_value"),
+        ({"model": "tts-1", "voice": EN_VOICE, "input": "Hi.", "priority": 11}, "priority", "invalid_value"),
     ],
     ids=["bad-json", "not-object", "no-input", "blank-input", "mp3", "ogg", "speed-high", "speed-low", "speed-text",
-         "unknown-model", "input-too-long", "unknown-key", "sse"],
+         "unknown-model", "input-too-long", "unknown-key", "sse", "priority-high"],
 )
 def test_bad_input_is_a_400_with_a_json_error(gateways: Gatewayed, body: object, field: str | None, code: str) -> None:
     url = f"{gateways.http_url}/v1/audio/speech"

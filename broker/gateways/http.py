@@ -60,7 +60,7 @@ MAX_BODY = 64 * 1024
 
 
 class SpeechRequest(BaseModel):
-    """``POST /v1/audio/speech``: OpenAI's keys, plus ``language`` and ``sample_rate`` (ours)."""
+    """``POST /v1/audio/speech``: OpenAI's keys, plus ``language``, ``sample_rate`` and ``priority`` (ours)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -78,6 +78,8 @@ class SpeechRequest(BaseModel):
     """Ours: a language tag; default, the voice's own language."""
     sample_rate: Optional[int] = Field(default=None, ge=tts.MIN_RATE, le=tts.MAX_RATE)
     """Ours: output rate; default 24000 for pcm (OpenAI's), the voice's own rate for wav."""
+    priority: Optional[int] = Field(default=None, ge=-tts.MAX_PRIORITY, le=tts.MAX_PRIORITY)
+    """Ours: the request's ``priority`` (PROTOCOL.md, "Priority"); default 0."""
 
     @field_validator("speed", mode="before")
     @classmethod
@@ -192,6 +194,8 @@ class HttpGateway:
         rate = req.sample_rate or (PCM_RATE if req.response_format == "pcm" else None)
         if rate is not None:
             opts["sample_rate"] = rate
+        if req.priority is not None:
+            opts["priority"] = req.priority
         return opts
 
     async def speech(self, request: web.Request) -> web.StreamResponse:
