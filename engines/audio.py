@@ -85,6 +85,7 @@ class ChunkEncoder:
         self.chunk_samples = max(1, out_rate * (chunk_ms if chunk_ms is not None else PIECE_MAX_MS) // 1000)
         """Samples per full chunk at the output rate: every chunk's, or the most a piece's may hold."""
         self._pending = np.zeros(0, dtype=np.float32)
+        """With ``chunk_ms``: the segment's audio not yet a whole chunk (pieces mode holds none)."""
         self._resampler: Optional[soxr.ResampleStream] = None
 
     @property
@@ -117,11 +118,13 @@ class ChunkEncoder:
         return (2 * native * self.out_rate + self.in_rate) // (2 * self.in_rate)
 
     def push(self, audio: np.ndarray) -> Iterator[bytes]:
-        """Add engine audio of the current segment; yield the chunks now complete."""
-        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-        pending = np.concatenate((self._pending, self._resample(audio, last=False)))
-        n = self.chunk_samples
-        full = len(pending) // n * n if self.fixed else len(pending)
+        """Add engine audio of the current segment; yield the chunks now complete (in pieces
+        mode all of it: nothing is held back)."""
+        audio = self._resample(np.asarray(audio, dtype=np.float32).reshape(-1), last=False)
+        if not self.fixed:
+            return self._chunks(audio)
+        pending = np.concatenate((self._pending, audio))
+        full = len(pending) // self.chunk_samples * self.chunk_samples
         self._pending = pending[full:]
         return self._chunks(pending[:full])
 
